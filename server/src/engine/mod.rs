@@ -5,6 +5,7 @@
 //! against a fake engine and the engine against the model without HTTP.
 
 pub mod sampling;
+pub mod stop;
 
 use std::sync::Arc;
 
