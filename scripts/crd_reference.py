@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Render docs/crd-reference.md from the generated CRD, crds/vlmcaptioner.yaml.
+
+    python3 scripts/crd_reference.py            # rewrite docs/crd-reference.md
+    python3 scripts/crd_reference.py --check    # exit 1 if the committed file is stale
+
+Every field of the schema becomes one table row: its path, type, default, validation (OpenAPI
+bounds, enums, CEL rules with their messages) and description. Embedded Kubernetes types
+(Affinity, Toleration, EnvVar) are not expanded; they link to the Kubernetes API reference.
+Needs PyYAML only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CRD_PATH = REPO / "crds" / "vlmcaptioner.yaml"
+OUT_PATH = REPO / "docs" / "crd-reference.md"
+
+K8S_API = "https://kubernetes.io/docs/reference/generated/kubernetes-api/v1.33/"
+# Fields whose schema is a core Kubernetes type: documented upstream, not expanded here.
+EXTERNAL_TYPES = {
+    "spec.scheduling.affinity": ("Affinity", f"{K8S_API}#affinity-v1-core"),
+    "spec.scheduling.tolerations[]": ("Toleration", f"{K8S_API}#toleration-v1-core"),
+    "spec.server.extraEnv[]": ("EnvVar", f"{K8S_API}#envvar-v1-core"),
+    "status.conditions[]": ("Condition", f"{K8S_API}#condition-v1-meta"),
+}
+
+
+def cell(text: str) -> str:
+    """One Markdown table cell: a single line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def code(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
+    return f"`{text}`"
+
+
+def number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def type_of(node: dict) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "int-or-string (quantity)"
+    t = node.get("type", "any")
+    if t == "array":
+        return f"[]{type_of(node.get('items', {}))}"
+    if t == "object" and "properties" not in node and isinstance(node.get("additionalProperties"), dict):
+        return f"map[string]{type_of(node['additionalProperties'])}"
+    if "format" in node and t in ("integer", "number", "string"):
+        return f"{t} ({node['format']})"
+    return t
+
+
+def validation(node: dict, required: bool) -> list[str]:
+    rules = []
+    if required:
+        rules.append("required")
+    for key, label in (("minimum", "min"), ("maximum", "max"), ("minLength", "min length"),
+                       ("maxLength", "max length"), ("minItems", "min items"), ("maxItems", "max items")):
+        if key in node:
+            rules.append(f"{label} {number(node[key])}")
+    if "enum" in node:
+        rules.append("one of " + ", ".join(code(v) for v in node["enum"]))
+    if "pattern" in node:
+        rules.append(f"pattern {code(node['pattern'])}")
+    if node.get("x-kubernetes-list-type") == "map":
+        rules.append(f"list-map keyed by {', '.join(node.get('x-kubernetes-list-map-keys', []))}")
+    for rule in node.get("x-kubernetes-validations", []):
+        message = rule.get("message") or rule.get("messageExpression") or "invalid"
+        rules.append(f"{message} (CEL {code(rule['rule'])})")
+    return rules
+
+
+def rows(node: dict, path: str, required: bool = False) -> list[tuple[str, ...]]:
+    external = EXTERNAL_TYPES.get(path)
+    description = node.get("description", "")
+    type_name = type_of(node)
+    if external:
+        name, url = external
+        description = f"{description} A Kubernetes [{name}]({url}).".strip()
+        type_name = name
+    out = [(
+        path,
+        type_name,
+        code(node["default"]) if "default" in node else "",
+        "; ".join(validation(node, required)),
+        description,
+    )]
+    if external:
+        return out
+    items = node.get("items", {})
+    if node.get("type") == "array" and f"{path}[]" in EXTERNAL_TYPES:
+        name, url = EXTERNAL_TYPES[f"{path}[]"]
+        out[0] = (path, f"[]{name}", *out[0][2:4], f"{description} Items: Kubernetes [{name}]({url}).".strip())
+    elif node.get("type") == "array" and "properties" in items:
+        for name, child in sorted(items["properties"].items()):
+            out += rows(child, f"{path}[].{name}", name in items.get("required", []))
+    for name, child in sorted(node.get("properties", {}).items()):
+        out += rows(child, f"{path}.{name}", name in node.get("required", []))
+    return out
+
+
+def table(entries: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| Field | Type | Default | Validation | Description |", "|---|---|---|---|---|"]
+    for path, type_name, default, rules, description in entries:
+        lines.append("| " + " | ".join([f"`{path}`", cell(type_name), cell(default), cell(rules), cell(description)]) + " |")
+    return lines
+
+
+def render(crd: dict) -> str:
+    spec = crd["spec"]
+    names = spec["names"]
+    out = [
+        f"# `{names['kind']}` reference",
+        "",
+        "<!-- Generated by scripts/crd_reference.py from crds/vlmcaptioner.yaml; do not edit by hand. -->",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Group | `{spec['group']}` |",
+        f"| Kind | `{names['kind']}` (plural `{names['plural']}`"
+        + (f", short names {', '.join(f'`{s}`' for s in names.get('shortNames', []))}" if names.get("shortNames") else "")
+        + ") |",
+        f"| Scope | {spec['scope']} |",
+        f"| CRD | `{crd['metadata']['name']}` |",
+    ]
+    for version in spec["versions"]:
+        schema = version["schema"]["openAPIV3Schema"]
+        flags = [f for f in ("served", "storage") if version.get(f)]
+        subresources = sorted(version.get("subresources", {}))
+        out += [
+            "",
+            f"## `{spec['group']}/{version['name']}`",
+            "",
+            f"{', '.join(flags).capitalize() or 'Not served'}"
+            + (f"; subresources: {', '.join(subresources)}" if subresources else "")
+            + ".",
+        ]
+        columns = version.get("additionalPrinterColumns", [])
+        if columns:
+            out += ["", "`kubectl get` columns:", "", "| Column | Type | JSONPath |", "|---|---|---|"]
+            out += [f"| {c['name']} | {c['type']} | `{cell(c['jsonPath'])}` |" for c in columns]
+        for part in ("spec", "status"):
+            node = schema.get("properties", {}).get(part)
+            if not node:
+                continue
+            out += ["", f"### `{part}`", ""]
+            if node.get("description"):
+                out += [" ".join(node["description"].split()), ""]
+            entries = []
+            for name, child in sorted(node.get("properties", {}).items()):
+                entries += rows(child, f"{part}.{name}", name in node.get("required", []))
+            out += table(entries)
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the committed reference is stale")
+    parser.add_argument("--crd", type=Path, default=CRD_PATH)
+    parser.add_argument("--out", type=Path, default=OUT_PATH)
+    args = parser.parse_args()
+    text = render(yaml.safe_load(args.crd.read_text()))
+    if args.check:
+        if not args.out.exists() or args.out.read_text() != text:
+            print(f"{args.out.name} is stale: run python3 scripts/crd_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
