@@ -10,9 +10,7 @@ pub enum TokenizerError {
     Load(String),
     #[error("token {token:?} is not in tokenizer.json")]
     MissingToken { token: String },
-    #[error(
-        "the config says {token:?} has id {config_id} but tokenizer.json gives {tokenizer_id}"
-    )]
+    #[error("the config says {token:?} has id {config_id} but tokenizer.json gives {tokenizer_id}")]
     IdMismatch {
         token: String,
         config_id: u32,
@@ -60,12 +58,11 @@ impl PromptTokenizer {
     ) -> Result<Self, TokenizerError> {
         let inner = Tokenizer::from_file(model_dir.join("tokenizer.json"))
             .map_err(|e| TokenizerError::Load(e.to_string()))?;
-        let image_context_id =
-            inner
-                .token_to_id(&image_tokens.context)
-                .ok_or_else(|| TokenizerError::MissingToken {
-                    token: image_tokens.context.clone(),
-                })?;
+        let image_context_id = inner.token_to_id(&image_tokens.context).ok_or_else(|| {
+            TokenizerError::MissingToken {
+                token: image_tokens.context.clone(),
+            }
+        })?;
         if let Some(config_id) = config_context_id
             && config_id != image_context_id
         {
@@ -142,7 +139,10 @@ impl PromptTokenizer {
         }
         let ids = self.encode(&expanded)?;
         // The added-token split must keep every placeholder a single token.
-        let found = ids.iter().filter(|&&id| id == self.image_context_id).count();
+        let found = ids
+            .iter()
+            .filter(|&&id| id == self.image_context_id)
+            .count();
         let wanted: usize = tokens_per_image.iter().sum();
         if found != wanted {
             return Err(TokenizerError::Encode(format!(
@@ -159,30 +159,91 @@ impl PromptTokenizer {
             .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
-    /// A streaming decoder that yields text as soon as it is complete UTF-8.
-    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
-        StreamDecoder(self.inner.decode_stream(true))
+}
+
+/// Incremental detokenizer (special tokens skipped), owning its ids so it can
+/// live beside the tokenizer: each step decodes a short window and emits the
+/// new suffix once it no longer ends in an unfinished character (the
+/// prefix/read-offset scheme of Hugging Face's `DecodeStream`).
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl StreamDecoder {
+    pub fn push(&mut self, tokenizer: &PromptTokenizer, id: u32) -> Result<String, TokenizerError> {
+        self.ids.push(id);
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let text = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        if text.len() <= prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&prefix) {
+            return Ok(String::new());
+        }
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(text[prefix.len()..].to_owned())
+    }
+
+    /// The text still held back at the end of generation (an unfinished
+    /// character decodes lossily, as a whole-sequence decode would).
+    pub fn finish(&mut self, tokenizer: &PromptTokenizer) -> Result<String, TokenizerError> {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let text = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(text.strip_prefix(prefix.as_str()).unwrap_or_default().to_owned())
     }
 }
 
-type TokenizerDecodeStream<'a> = tokenizers::DecodeStream<
-    'a,
-    tokenizers::ModelWrapper,
-    tokenizers::NormalizerWrapper,
-    tokenizers::PreTokenizerWrapper,
-    tokenizers::PostProcessorWrapper,
-    tokenizers::DecoderWrapper,
->;
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
 
-/// Incremental detokenizer (special tokens skipped): emits each piece of text
-/// once it is complete, holding back bytes of an unfinished character.
-pub struct StreamDecoder<'a>(TokenizerDecodeStream<'a>);
+    use super::*;
 
-impl StreamDecoder<'_> {
-    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
-        self.0
-            .step(id)
-            .map(Option::unwrap_or_default)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    fn tiny() -> PromptTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny");
+        PromptTokenizer::load(&dir, ImageTokens::default(), None).unwrap()
+    }
+
+    #[test]
+    fn streamed_text_equals_whole_decode() {
+        let t = tiny();
+        let ids = t.encode("Hello there, caption this: a chart of résumé data — 42%!").unwrap();
+        let mut d = StreamDecoder::default();
+        let mut streamed: String = ids.iter().map(|&id| d.push(&t, id).unwrap()).collect();
+        streamed.push_str(&d.finish(&t).unwrap());
+        assert_eq!(streamed, t.decode(&ids).unwrap());
+        // Byte-level tokens that split a character: held back, then flushed lossily.
+        let golden = [84u32, 50, 236, 297, 230, 40, 200, 150, 230, 231];
+        let mut d = StreamDecoder::default();
+        let mut streamed: String = golden.iter().map(|&id| d.push(&t, id).unwrap()).collect();
+        streamed.push_str(&d.finish(&t).unwrap());
+        assert_eq!(streamed, t.decode(&golden).unwrap());
+    }
+
+    #[test]
+    fn image_placeholders_expand_to_context_runs() {
+        let t = tiny();
+        let ids = t
+            .encode_with_images("a <image>\nb <image>\n", &[3, 2])
+            .unwrap();
+        let ctx = t.image_context_id();
+        assert_eq!(ids.iter().filter(|&&i| i == ctx).count(), 5);
+        let start = t.token_id("<img>").unwrap();
+        let end = t.token_id("</img>").unwrap();
+        let first = ids.iter().position(|&i| i == start).unwrap();
+        assert_eq!(&ids[first + 1..first + 4], &[ctx, ctx, ctx]);
+        assert_eq!(ids[first + 4], end);
+        let err = t.encode_with_images("one <image>", &[1, 1]).unwrap_err();
+        assert!(matches!(err, TokenizerError::ImageCount { placeholders: 1, images: 2 }));
+    }
+
+    #[test]
+    fn a_config_id_that_disagrees_with_the_tokenizer_is_refused() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny");
+        let err = PromptTokenizer::load(&dir, ImageTokens::default(), Some(5)).err().unwrap();
+        assert!(err.to_string().contains("<image>"), "{err}");
     }
 }

@@ -1,0 +1,514 @@
+//! RADIO ViT (C-RADIOv2-H), model.md §3: patch embedding + CPE position
+//! embeddings + prefix (cls/register) tokens + pre-LN timm blocks. Returns the
+//! patch tokens only.
+//!
+//! Weights live under `vision_model.radio_model.model.`; every dimension the
+//! tensors determine is read from their shapes. Only the head count comes
+//! from the config.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use candle_core::{DType, Device, Module, Result, Tensor, bail};
+use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear_b};
+use serde_json::Value;
+
+/// The checkpoint prefix of the weights [`RadioEncoder::load`] expects its
+/// `VarBuilder` to point at.
+pub const RADIO_PREFIX: &str = "vision_model.radio_model.model";
+
+/// What the tensor shapes cannot tell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RadioConfig {
+    pub num_heads: usize,
+    /// LayerNorm epsilon (timm ViT: 1e-6).
+    pub layer_norm_eps: f64,
+}
+
+/// Heads of the timm ViT families RADIO is built on, by model-name prefix.
+const TIMM_HEADS: &[(&str, usize)] = &[
+    ("vit_tiny", 3),
+    ("vit_small", 6),
+    ("vit_base", 12),
+    ("vit_large", 16),
+    ("vit_huge", 16),
+    ("vit_giant", 16),
+    ("vit_gigantic", 16),
+];
+
+impl RadioConfig {
+    /// From the raw `vision_config` object of config.json: an explicit
+    /// `num_attention_heads` (top level or in `args`) wins, else the timm
+    /// model name in `args.model` (e.g. `vit_huge_patch16_224` → 16).
+    pub fn from_vision_config(vision_config: &Value) -> Result<Self> {
+        let args = vision_config.get("args");
+        let lookup = |key: &str| {
+            vision_config
+                .get(key)
+                .filter(|v| !v.is_null())
+                .or_else(|| args.and_then(|a| a.get(key)).filter(|v| !v.is_null()))
+        };
+        let num_heads = match lookup("num_attention_heads").or_else(|| lookup("num_heads")) {
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => n as usize,
+                _ => bail!("vision_config.num_attention_heads is not a positive integer: {v}"),
+            },
+            None => {
+                let name = lookup("model")
+                    .or_else(|| lookup("model_name"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(
+                            "vision_config has neither `num_attention_heads` nor a timm model \
+                             name in `args.model`; cannot tell the RADIO head count"
+                                .into(),
+                        )
+                    })?;
+                // Longest prefix first: "vit_gigantic" before "vit_giant".
+                let mut families = TIMM_HEADS.to_vec();
+                families.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+                match families.iter().find(|(p, _)| name.starts_with(p)) {
+                    Some(&(_, heads)) => heads,
+                    None => bail!(
+                        "vision_config model `{name}` is not a known timm ViT; \
+                         set vision_config.num_attention_heads"
+                    ),
+                }
+            }
+        };
+        let layer_norm_eps = lookup("layer_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-6);
+        Ok(RadioConfig {
+            num_heads,
+            layer_norm_eps,
+        })
+    }
+}
+
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(hidden: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+        if !hidden.is_multiple_of(num_heads) {
+            bail!("RADIO hidden size {hidden} is not divisible by {num_heads} heads");
+        }
+        Ok(Attention {
+            qkv: linear_b(hidden, 3 * hidden, true, vb.pp("qkv"))?,
+            proj: linear_b(hidden, hidden, true, vb.pp("proj"))?,
+            num_heads,
+            head_dim: hidden / num_heads,
+        })
+    }
+
+    /// Bidirectional attention within each tile: `[n, L, hidden]` → same.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, l, hidden) = x.dims3()?;
+        // qkv rows are q | k | v, each head-major: [n, L, 3, heads, hd] → [3, n, heads, L, hd].
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((n, l, 3, self.num_heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * (self.head_dim as f64).powf(-0.5))?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // [n, heads, L, L]
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// Pre-LN timm block: `x += attn(norm1(x)); x += fc2(gelu(fc1(norm2(x))))`.
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Block {
+    fn new(hidden: usize, mlp: usize, cfg: &RadioConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Block {
+            norm1: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("norm1"))?,
+            attn: Attention::new(hidden, cfg.num_heads, vb.pp("attn"))?,
+            norm2: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("norm2"))?,
+            fc1: linear_b(hidden, mlp, true, vb.pp("mlp.fc1"))?,
+            fc2: linear_b(mlp, hidden, true, vb.pp("mlp.fc2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// The RADIO vision encoder.
+pub struct RadioEncoder {
+    embedder: Linear,
+    /// `[G·G, hidden]`, the checkpoint's position grid, row-major.
+    pos_embed: Tensor,
+    /// `[P, hidden]` cls + register tokens.
+    prefix_tokens: Tensor,
+    blocks: Vec<Block>,
+    patch_size: usize,
+    pos_grid: usize,
+    hidden: usize,
+    /// Interpolated position embeddings `[1, h·w, hidden]` by patch grid (h, w).
+    pos_cache: RwLock<HashMap<(usize, usize), Tensor>>,
+}
+
+impl RadioEncoder {
+    /// Loads from `vb` pointing at [`RADIO_PREFIX`], and precomputes the
+    /// position embeddings for square tiles of each size in `tile_sizes` (px).
+    pub fn load(cfg: &RadioConfig, vb: VarBuilder, tile_sizes: &[usize]) -> Result<Self> {
+        let pg = vb.pp("patch_generator");
+        let shape_of =
+            |name: &str| -> Result<Vec<usize>> { Ok(pg.get_unchecked(name)?.dims().to_vec()) };
+
+        let emb = shape_of("embedder.weight")?; // [hidden, 3·p·p]
+        let (hidden, patch_dim) = match emb[..] {
+            [h, d] => (h, d),
+            _ => {
+                bail!("patch_generator.embedder.weight has shape {emb:?}, expected [hidden, 3·p·p]")
+            }
+        };
+        let patch_size = ((patch_dim / 3) as f64).sqrt().round() as usize;
+        if 3 * patch_size * patch_size != patch_dim {
+            bail!("patch_generator.embedder.weight width {patch_dim} is not 3·p·p");
+        }
+        let embedder = linear_b(patch_dim, hidden, false, pg.pp("embedder"))?;
+
+        let pos = shape_of("pos_embed")?; // [1, G·G, hidden]
+        let pos_grid = match pos[..] {
+            [1, gg, h] if h == hidden => (gg as f64).sqrt().round() as usize,
+            _ => bail!("patch_generator.pos_embed has shape {pos:?}, expected [1, G·G, {hidden}]"),
+        };
+        if pos_grid * pos_grid != pos[1] {
+            bail!(
+                "patch_generator.pos_embed has {} positions, not a square grid",
+                pos[1]
+            );
+        }
+        let pos_embed = pg
+            .get((1, pos_grid * pos_grid, hidden), "pos_embed")?
+            .squeeze(0)?;
+
+        let prefix = shape_of("cls_token.token")?; // [P, hidden]
+        let num_prefix = match prefix[..] {
+            [p, h] if h == hidden => p,
+            _ => bail!(
+                "patch_generator.cls_token.token has shape {prefix:?}, expected [P, {hidden}]"
+            ),
+        };
+        let prefix_tokens = pg.get((num_prefix, hidden), "cls_token.token")?;
+
+        let mut blocks = Vec::new();
+        while vb.contains_tensor(&format!("blocks.{}.norm1.weight", blocks.len())) {
+            let bvb = vb.pp(format!("blocks.{}", blocks.len()));
+            let mlp = bvb.get_unchecked("mlp.fc1.weight")?.dim(0)?;
+            blocks.push(Block::new(hidden, mlp, cfg, bvb)?);
+        }
+        if blocks.is_empty() {
+            bail!("no RADIO blocks found under `{}.blocks.0`", vb.prefix());
+        }
+
+        let encoder = RadioEncoder {
+            embedder,
+            pos_embed,
+            prefix_tokens,
+            blocks,
+            patch_size,
+            pos_grid,
+            hidden,
+            pos_cache: RwLock::new(HashMap::new()),
+        };
+        for &s in tile_sizes {
+            encoder.pos_embed_for(s / patch_size, s / patch_size)?;
+        }
+        Ok(encoder)
+    }
+
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    pub fn num_prefix_tokens(&self) -> usize {
+        self.prefix_tokens.dim(0).unwrap_or(0)
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// `[n, 3, H, W]` normalized tiles → `[n, (H/p)·(W/p), hidden]` patch features
+    /// (prefix tokens dropped). Tiles never attend to each other.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (n, c, height, width) = pixels.dims4()?;
+        let p = self.patch_size;
+        if c != 3
+            || height == 0
+            || width == 0
+            || !height.is_multiple_of(p)
+            || !width.is_multiple_of(p)
+        {
+            bail!(
+                "RADIO input {:?} is not [n, 3, H, W] with H, W multiples of {p}",
+                pixels.dims()
+            );
+        }
+        let (h, w) = (height / p, width / p);
+        let dtype = self.pos_embed.dtype();
+
+        // im2patches: [n, 3, h·p, w·p] → [n, h·w, 3·p·p], features in (c, yy, xx) order.
+        let patches = pixels
+            .to_dtype(dtype)?
+            .reshape((n, 3, h, p, w, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((n, h * w, 3 * p * p))?;
+        let x = self
+            .embedder
+            .forward(&patches)?
+            .broadcast_add(&self.pos_embed_for(h, w)?)?;
+
+        let num_prefix = self.num_prefix_tokens();
+        let prefix = self
+            .prefix_tokens
+            .unsqueeze(0)?
+            .broadcast_as((n, num_prefix, self.hidden))?;
+        let mut x = Tensor::cat(&[&prefix, &x], 1)?; // [n, P + h·w, hidden]
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        x.narrow(1, num_prefix, h * w)
+    }
+
+    /// Position embeddings `[1, h·w, hidden]` for an h×w patch grid, cached.
+    fn pos_embed_for(&self, h: usize, w: usize) -> Result<Tensor> {
+        if let Some(t) = self
+            .pos_cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(&(h, w)).cloned())
+        {
+            return Ok(t);
+        }
+        let g = self.pos_grid;
+        let grid: Vec<f32> = self
+            .pos_embed
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let data = cpe_position_embeddings(&grid, g, self.hidden, h, w);
+        let t = Tensor::from_vec(data, (1, h * w, self.hidden), &Device::Cpu)?
+            .to_dtype(self.pos_embed.dtype())?
+            .to_device(self.pos_embed.device())?;
+        if let Ok(mut cache) = self.pos_cache.write() {
+            cache.insert((h, w), t.clone());
+        }
+        Ok(t)
+    }
+}
+
+/// RADIO's CPE at inference: bilinearly resize the G×G grid (channels last,
+/// `[G·G, hidden]`) to m×m with m = max(h, w), as torch
+/// `F.interpolate(mode="bilinear", align_corners=False)` does, then keep the
+/// top-left h×w window. Returns `[h·w, hidden]` row-major.
+fn cpe_position_embeddings(grid: &[f32], g: usize, hidden: usize, h: usize, w: usize) -> Vec<f32> {
+    let m = h.max(w);
+    let taps = bilinear_taps(g, m);
+    let mut out = vec![0.0f32; h * w * hidden];
+    for y in 0..h {
+        let (y0, y1, ly0, ly1) = taps[y];
+        for x in 0..w {
+            let (x0, x1, lx0, lx1) = taps[x];
+            let row =
+                |yy: usize, xx: usize| &grid[(yy * g + xx) * hidden..(yy * g + xx + 1) * hidden];
+            let (a, b, c, d) = (row(y0, x0), row(y0, x1), row(y1, x0), row(y1, x1));
+            let dst = &mut out[(y * w + x) * hidden..(y * w + x + 1) * hidden];
+            for k in 0..hidden {
+                // torch's order: height weights outside, width weights inside.
+                dst[k] = ly0 * (lx0 * a[k] + lx1 * b[k]) + ly1 * (lx0 * c[k] + lx1 * d[k]);
+            }
+        }
+    }
+    out
+}
+
+/// Per output index: (i0, i1, λ0, λ1) of torch's linear interpolation with
+/// align_corners=False (source index clamped at 0, computed in f32).
+fn bilinear_taps(in_size: usize, out_size: usize) -> Vec<(usize, usize, f32, f32)> {
+    let scale = in_size as f32 / out_size as f32;
+    (0..out_size)
+        .map(|o| {
+            let src = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(in_size - 1);
+            let i1 = (i0 + 1).min(in_size - 1);
+            let l1 = (src - i0 as f32).clamp(0.0, 1.0);
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn heads_from_config() {
+        let explicit = json!({"args": {"model": "vit_huge_patch16_224", "num_attention_heads": 4}});
+        assert_eq!(
+            RadioConfig::from_vision_config(&explicit)
+                .unwrap()
+                .num_heads,
+            4
+        );
+        let top = json!({"num_attention_heads": 2});
+        assert_eq!(RadioConfig::from_vision_config(&top).unwrap().num_heads, 2);
+        for (name, heads) in [
+            ("vit_huge_patch16_224", 16),
+            ("vit_large_patch16_224", 16),
+            ("vit_base_patch16_224", 12),
+            ("vit_small_patch14_dinov2", 6),
+            ("vit_gigantic_patch14_224", 16),
+        ] {
+            let cfg = json!({"args": {"model": name}});
+            assert_eq!(
+                RadioConfig::from_vision_config(&cfg).unwrap().num_heads,
+                heads,
+                "{name}"
+            );
+        }
+        let cfg =
+            RadioConfig::from_vision_config(&json!({"args": {"model": "vit_huge_patch16_224"}}));
+        assert_eq!(cfg.unwrap().layer_norm_eps, 1e-6);
+        let err = RadioConfig::from_vision_config(&json!({"args": {}})).unwrap_err();
+        assert!(err.to_string().contains("head count"), "{err}");
+        let err =
+            RadioConfig::from_vision_config(&json!({"args": {"model": "resnet50"}})).unwrap_err();
+        assert!(err.to_string().contains("resnet50"), "{err}");
+    }
+
+    /// 128 → 32 (the real model's 512-px tiles): scale 4, every output is the
+    /// mean of source cells 4o+1 and 4o+2 on each axis.
+    #[test]
+    fn bilinear_downsample_matches_torch_formula() {
+        let taps = bilinear_taps(128, 32);
+        for (o, &(i0, i1, l0, l1)) in taps.iter().enumerate() {
+            assert_eq!((i0, i1), (4 * o + 1, 4 * o + 2));
+            assert_eq!((l0, l1), (0.5, 0.5));
+        }
+        // Upsampling 2 → 4: src = 0.5·(o + 0.5) − 0.5 = −0.25 (clamped to 0), 0.25, 0.75, 1.25.
+        let taps = bilinear_taps(2, 4);
+        assert_eq!(taps[0], (0, 1, 1.0, 0.0));
+        assert_eq!(taps[1], (0, 1, 0.75, 0.25));
+        assert_eq!(taps[2], (0, 1, 0.25, 0.75));
+        assert_eq!(taps[3], (1, 1, 0.75, 0.25));
+        // Same size is the identity.
+        let taps = bilinear_taps(8, 8);
+        assert!(
+            taps.iter()
+                .enumerate()
+                .all(|(o, t)| t.0 == o && t.2 == 1.0 && t.3 == 0.0)
+        );
+    }
+
+    #[test]
+    fn cpe_crops_top_left_of_square_resize() {
+        // G = 4, hidden 1, value = 10·row + col.
+        let grid: Vec<f32> = (0..16).map(|i| (10 * (i / 4) + i % 4) as f32).collect();
+        let full = cpe_position_embeddings(&grid, 4, 1, 2, 2); // m = 2: scale 2
+        // Output (y, x) samples rows/cols 2y+0.5 → mean of 2y and 2y+1.
+        assert_eq!(full, vec![5.5, 7.5, 25.5, 27.5]);
+        let wide = cpe_position_embeddings(&grid, 4, 1, 1, 2); // m = 2, keep row 0
+        assert_eq!(wide, vec![5.5, 7.5]);
+    }
+
+    #[test]
+    fn encoder_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<RadioEncoder>();
+    }
+
+    /// A random tiny model: output shape, prefix dropping, and tile independence.
+    #[test]
+    fn forward_shapes_and_tile_independence() -> Result<()> {
+        let dev = Device::Cpu;
+        let (hidden, p, g, prefix, mlp) = (8usize, 2usize, 4usize, 3usize, 16usize);
+        let mut ts = HashMap::new();
+        let r = |shape: &[usize], seed: u64| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i as u64 + 1) * 2654435761 + seed * 97) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            Tensor::from_vec(v, shape, &dev)
+        };
+        ts.insert(
+            "patch_generator.embedder.weight".into(),
+            r(&[hidden, 3 * p * p], 1)?,
+        );
+        ts.insert(
+            "patch_generator.pos_embed".into(),
+            r(&[1, g * g, hidden], 2)?,
+        );
+        ts.insert(
+            "patch_generator.cls_token.token".into(),
+            r(&[prefix, hidden], 3)?,
+        );
+        for b in 0..2 {
+            let pre = format!("blocks.{b}.");
+            for (name, shape) in [
+                ("norm1.weight", vec![hidden]),
+                ("norm1.bias", vec![hidden]),
+                ("norm2.weight", vec![hidden]),
+                ("norm2.bias", vec![hidden]),
+                ("attn.qkv.weight", vec![3 * hidden, hidden]),
+                ("attn.qkv.bias", vec![3 * hidden]),
+                ("attn.proj.weight", vec![hidden, hidden]),
+                ("attn.proj.bias", vec![hidden]),
+                ("mlp.fc1.weight", vec![mlp, hidden]),
+                ("mlp.fc1.bias", vec![mlp]),
+                ("mlp.fc2.weight", vec![hidden, mlp]),
+                ("mlp.fc2.bias", vec![hidden]),
+            ] {
+                ts.insert(format!("{pre}{name}"), r(&shape, 10 + b as u64)?);
+            }
+        }
+        let vb = VarBuilder::from_tensors(ts, DType::F32, &dev);
+        let cfg = RadioConfig {
+            num_heads: 2,
+            layer_norm_eps: 1e-6,
+        };
+        let enc = RadioEncoder::load(&cfg, vb, &[4])?;
+        assert_eq!(
+            (enc.patch_size(), enc.num_prefix_tokens(), enc.num_blocks()),
+            (p, prefix, 2)
+        );
+
+        let tiles = r(&[2, 3, 4, 4], 7)?;
+        let out = enc.forward(&tiles)?;
+        assert_eq!(out.dims(), &[2, 4, hidden]);
+        let single = enc.forward(&tiles.narrow(0, 1, 1)?)?;
+        let diff = (out.narrow(0, 1, 1)? - single)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "tile 1 depends on tile 0: {diff}");
+        // Non-square grid: 2×3 patches.
+        assert_eq!(enc.forward(&r(&[1, 3, 4, 6], 8)?)?.dims(), &[1, 6, hidden]);
+        Ok(())
+    }
+}
