@@ -4,7 +4,11 @@
 //! [`Engine`] trait and the plain types below, so the API can be tested
 //! against a fake engine and the engine against the model without HTTP.
 
+pub mod generate;
+pub mod local;
+pub mod prepare;
 pub mod sampling;
+pub mod scheduler;
 pub mod stop;
 
 use std::sync::Arc;
