@@ -1,6 +1,7 @@
 //! From chat messages to prompt token ids: the chat template, the tokenizer,
 //! and the expansion of image placeholders into image-context tokens.
 
+pub mod reasoning;
 pub mod template;
 pub mod tokenizer;
 
