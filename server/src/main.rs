@@ -232,6 +232,7 @@ async fn caption(args: CaptionArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         stop: Vec::new(),
         max_tiles: None,
+        ignore_eos: false,
     };
     let mut generation = engine.submit(request).await?;
     let mut caption = String::new();

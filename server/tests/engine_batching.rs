@@ -74,6 +74,7 @@ fn requests() -> Vec<ChatRequest> {
             max_tokens: 12 + 3 * i,
             stop: Vec::new(),
             max_tiles: None,
+            ignore_eos: false,
         })
         .collect()
 }

@@ -143,6 +143,7 @@ fn every_case_matches_the_reference_end_to_end() {
             max_tokens: 32,
             stop: Vec::new(),
             max_tiles: None,
+            ignore_eos: false,
         };
 
         // Template and tokenization.

@@ -5,8 +5,10 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::http::header::CONTENT_LENGTH;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -82,7 +84,14 @@ pub async fn limit_in_flight(
         let _ = axum::body::to_bytes(request.into_body(), gate.body_limit).await;
         return ApiError::overloaded(gate.retry_after_secs).into_response();
     };
-    let (parts, body) = next.run(request).await.into_parts();
+    let (mut parts, body) = next.run(request).await.into_parts();
+    // The wrapper below hides the body's length; keep it in the header so
+    // JSON answers are not sent chunked.
+    if let Some(length) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(length));
+    }
     let body = body.into_data_stream().map(move |chunk| {
         let _held_until_the_body_ends = &slot;
         chunk

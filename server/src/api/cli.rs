@@ -87,7 +87,8 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = DeviceKind::default())]
     pub device: DeviceKind,
 
-    /// Accept http(s) image URLs (otherwise only data: URLs).
+    /// Accept http(s) image URLs. Fetching is not implemented yet, so such
+    /// URLs get a 400 saying so either way; data: URLs always work.
     #[arg(long)]
     pub allow_remote_images: bool,
 

@@ -20,6 +20,7 @@
 //! - *engine* `vlm_tiles_total` — counter, image tiles encoded.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -46,10 +47,15 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
 
+/// Histogram samples are buffered until a scrape folds them into buckets;
+/// fold them every this many requests too, in case nobody scrapes.
+const UPKEEP_EVERY: u64 = 1024;
+
 #[derive(Clone)]
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    requests_seen: Arc<AtomicU64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +75,11 @@ impl Metrics {
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = Arc::new(builder.build_recorder());
         let handle = recorder.handle();
-        let metrics = Metrics { recorder, handle };
+        let metrics = Metrics {
+            recorder,
+            handle,
+            requests_seen: Arc::default(),
+        };
         metrics.describe();
         metrics
     }
@@ -100,6 +110,9 @@ impl Metrics {
             counter!(HTTP_REQUESTS, "route" => route.clone(), "status" => status).increment(1);
             histogram!(HTTP_REQUEST_DURATION, "route" => route).record(elapsed.as_secs_f64());
         });
+        if self.requests_seen.fetch_add(1, Ordering::Relaxed) % UPKEEP_EVERY == UPKEEP_EVERY - 1 {
+            self.run_upkeep();
+        }
     }
 
     pub(crate) fn request_admitted(&self, images: usize) {

@@ -24,7 +24,7 @@ mod validate;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request, State};
@@ -45,7 +45,6 @@ pub use metrics::Metrics;
 
 use crate::engine::Engine;
 use admission::AdmissionGate;
-use config::ApiKeys as Keys;
 use extract::BodyLimit;
 
 /// How long `serve` waits for in-flight requests after the shutdown signal.
@@ -86,16 +85,13 @@ pub fn router<E: Engine>(engine: Arc<E>, config: ApiConfig, metrics: Metrics) ->
         config.max_body_bytes,
         metrics.clone(),
     ));
-    let keys: Keys = config.api_keys.clone();
+    let keys = config.api_keys.clone();
     let body_limit = config.max_body_bytes;
     let state = AppState {
         engine,
         config: Arc::new(config),
         metrics: metrics.clone(),
-        started_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        started_at: chat::unix_now(),
     };
     let authenticated = Router::new()
         .route(

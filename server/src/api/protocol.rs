@@ -34,6 +34,9 @@ pub struct ChatCompletionRequest {
     /// Extension: per-request cap on tiles per image (1..=server max).
     #[serde(default)]
     pub max_tiles: Option<i64>,
+    /// vLLM extension: keep generating past EOS (fixed-length benchmarks).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

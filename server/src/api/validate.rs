@@ -51,8 +51,7 @@ pub fn validate(
         .iter()
         .flat_map(|m| &m.parts)
         .filter(|p| matches!(p, ContentPart::Image(_)))
-        .count()
-        + remote_images.len();
+        .count();
     if images > config.max_images_per_request {
         return Err(ApiError::invalid(
             format!(
@@ -74,6 +73,7 @@ pub fn validate(
         max_tokens: max_tokens(&body, config, info)?,
         stop: stop_strings(body.stop)?,
         max_tiles: max_tiles(body.max_tiles, info)?,
+        ignore_eos: body.ignore_eos.unwrap_or(false),
     };
     Ok(ValidChat {
         request,
@@ -139,15 +139,12 @@ fn convert_message(
             .iter()
             .enumerate()
             .map(|(j, part)| convert_part(i, j, part, role, config, remote))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten()
-            .collect(),
+            .collect::<Result<Vec<_>, _>>()?,
     };
     Ok(ChatMessage { role, parts })
 }
 
-/// `None` for a remote image, whose bytes are filled in after fetching.
+/// A remote image becomes an empty placeholder, filled in after fetching.
 fn convert_part(
     i: usize,
     j: usize,
@@ -155,11 +152,11 @@ fn convert_part(
     role: Role,
     config: &ApiConfig,
     remote: &mut Vec<(usize, usize, String)>,
-) -> Result<Option<ContentPart>, ApiError> {
+) -> Result<ContentPart, ApiError> {
     let param = format!("messages[{i}].content[{j}]");
     match part.kind.as_str() {
         "text" => match &part.text {
-            Some(text) => Ok(Some(ContentPart::Text(text.clone()))),
+            Some(text) => Ok(ContentPart::Text(text.clone())),
             None => Err(ApiError::invalid(
                 "a text part needs a 'text' string",
                 format!("{param}.text"),
@@ -180,10 +177,10 @@ fn convert_part(
                 ));
             };
             match parse_image_url(image_url.url(), config.allow_remote_images, &param)? {
-                ImageSource::Inline(bytes) => Ok(Some(ContentPart::Image(Arc::new(bytes)))),
+                ImageSource::Inline(bytes) => Ok(ContentPart::Image(Arc::new(bytes))),
                 ImageSource::Remote(url) => {
                     remote.push((i, j, url));
-                    Ok(Some(ContentPart::Image(Arc::new(Vec::new()))))
+                    Ok(ContentPart::Image(Arc::new(Vec::new())))
                 }
             }
         }

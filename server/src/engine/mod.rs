@@ -50,6 +50,8 @@ pub struct ChatRequest {
     pub stop: Vec<String>,
     /// Per-request cap on tiles per image (1..=max), `None` = the server default.
     pub max_tiles: Option<usize>,
+    /// Keep generating past EOS tokens (vLLM's `ignore_eos`; benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Why generation ended (OpenAI `finish_reason`).

@@ -19,6 +19,7 @@ pub struct PreparedRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
 }
 
 impl PreparedRequest {
@@ -89,6 +90,7 @@ impl Preparer {
             max_tokens,
             sampling: request.sampling.clone(),
             stop: request.stop.clone(),
+            ignore_eos: request.ignore_eos,
         })
     }
 }

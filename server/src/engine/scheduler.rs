@@ -56,6 +56,7 @@ struct Sequence {
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
+    ignore_eos: bool,
 }
 
 /// How many tokens of a sequence go into this step.
@@ -212,6 +213,7 @@ impl Scheduler {
             sampler: Sampler::new(request.sampling.clone()),
             decoder: StreamDecoder::default(),
             stops: StopMatcher::new(&request.stop),
+            ignore_eos: request.ignore_eos,
         })
     }
 
@@ -350,8 +352,8 @@ impl Scheduler {
     /// Record a sampled token; returns true when the sequence is finished.
     fn accept(&mut self, i: usize, id: u32) -> bool {
         let tokenizer = Arc::clone(&self.tokenizer);
-        let eos = self.config.eos_token_ids.contains(&id);
         let seq = &mut self.running[i];
+        let eos = !seq.ignore_eos && self.config.eos_token_ids.contains(&id);
         seq.generated += 1;
         let text = if eos {
             Ok(String::new())

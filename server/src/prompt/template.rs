@@ -267,7 +267,8 @@ mod tests {
             ])
             .unwrap();
         assert!(
-            rendered.contains("<SPECIAL_11>Assistant\nHello!\n<SPECIAL_12>\n<SPECIAL_11>User\nBye\n"),
+            rendered
+                .contains("<SPECIAL_11>Assistant\nHello!\n<SPECIAL_12>\n<SPECIAL_11>User\nBye\n"),
             "{rendered:?}"
         );
     }

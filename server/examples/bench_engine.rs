@@ -1,0 +1,174 @@
+//! Continuous-batching benchmark (a measurement, not a test): aggregate decode
+//! tokens/s and requests/s at several concurrencies, each against serving the
+//! same requests one at a time, in one run.
+//!
+//! cargo run --release -p vlm-server --example bench_engine -- \
+//!     --model target/mid-checkpoint --concurrency 1,4,16,64 --max-tokens 16
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use clap::Parser;
+use vlm_server::engine::local::{EngineOptions, LocalEngine};
+use vlm_server::engine::{
+    ChatMessage, ChatRequest, ContentPart, Engine, GenerationEvent, Role, SamplingParams,
+};
+use vlm_server::preprocess::ImageLimits;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Generated tokens per request (EOS ignored, so every request decodes this many).
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// Requests per level (default: the concurrency, at least 4).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// An image to put in every prompt (default: text only).
+    #[arg(long)]
+    image: Option<PathBuf>,
+}
+
+struct Level {
+    seconds: f64,
+    completion_tokens: usize,
+    latencies: Vec<f64>,
+}
+
+fn request(i: usize, max_tokens: usize, image: Option<&Arc<Vec<u8>>>) -> ChatRequest {
+    let mut parts = vec![ContentPart::Text(format!(
+        "Request {i}: describe the quarterly report in detail, section by section."
+    ))];
+    if let Some(bytes) = image {
+        parts.insert(0, ContentPart::Image(Arc::clone(bytes)));
+    }
+    ChatRequest {
+        messages: vec![
+            ChatMessage {
+                role: Role::System,
+                parts: vec![ContentPart::Text("/no_think".into())],
+            },
+            ChatMessage {
+                role: Role::User,
+                parts,
+            },
+        ],
+        sampling: SamplingParams::default(),
+        max_tokens,
+        stop: Vec::new(),
+        max_tiles: Some(1),
+        ignore_eos: true,
+    }
+}
+
+async fn run_level(
+    engine: Arc<LocalEngine>,
+    clients: usize,
+    requests: usize,
+    max_tokens: usize,
+    image: Option<Arc<Vec<u8>>>,
+) -> Level {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..clients {
+        let (engine, next, image) = (Arc::clone(&engine), Arc::clone(&next), image.clone());
+        handles.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= requests {
+                    return done;
+                }
+                let t0 = Instant::now();
+                let mut generation = engine
+                    .submit(request(i, max_tokens, image.as_ref()))
+                    .await
+                    .expect("submit");
+                while let Some(event) = generation.events.recv().await {
+                    match event {
+                        GenerationEvent::Delta(_) => {}
+                        GenerationEvent::Finished { usage, .. } => {
+                            done.push((t0.elapsed().as_secs_f64(), usage.completion_tokens));
+                            break;
+                        }
+                        GenerationEvent::Failed(e) => panic!("{e}"),
+                    }
+                }
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut completion_tokens = 0;
+    for h in handles {
+        for (latency, tokens) in h.await.expect("client task") {
+            latencies.push(latency);
+            completion_tokens += tokens;
+        }
+    }
+    Level {
+        seconds: started.elapsed().as_secs_f64(),
+        completion_tokens,
+        latencies,
+    }
+}
+
+async fn start(model: &PathBuf, max_num_seqs: usize) -> Arc<LocalEngine> {
+    let (engine, _failed) = LocalEngine::start(EngineOptions {
+        model_dir: model.clone(),
+        device: Device::Cpu,
+        dtype: DType::F32,
+        max_num_seqs,
+        max_queue: 1024,
+        max_model_len: Some(8192),
+        max_tiles: 1,
+        prefill_chunk: 512,
+        image_limits: ImageLimits::default(),
+    })
+    .expect("engine starts");
+    while !engine.is_ready() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    engine
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let image = args
+        .image
+        .as_ref()
+        .map(|p| Arc::new(std::fs::read(p).expect("reading the image")));
+    let sequential = start(&args.model, 1).await;
+    println!(
+        "| concurrency | requests | batched tok/s | one-at-a-time tok/s | ratio | batched req/s | one-at-a-time req/s | batched p50 latency s | one-at-a-time p50 latency s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &c in &args.concurrency {
+        let n = args.requests.unwrap_or(c.max(4));
+        let batched_engine = start(&args.model, c).await;
+        let mut batched = run_level(batched_engine, c, n, args.max_tokens, image.clone()).await;
+        let mut alone = run_level(Arc::clone(&sequential), c, n, args.max_tokens, image.clone()).await;
+        let tps = |l: &Level| l.completion_tokens as f64 / l.seconds;
+        println!(
+            "| {c} | {n} | {:.1} | {:.1} | {:.2}x | {:.2} | {:.2} | {:.2} | {:.2} |",
+            tps(&batched),
+            tps(&alone),
+            tps(&batched) / tps(&alone),
+            n as f64 / batched.seconds,
+            n as f64 / alone.seconds,
+            median(&mut batched.latencies),
+            median(&mut alone.latencies),
+        );
+    }
+}
