@@ -1,1 +1,13 @@
 //! model
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod linear;
+pub mod mamba2;
+pub mod mlp;
+pub mod nemotron_h;
+pub mod norm;
+pub mod projector;
+pub mod radio;
+pub mod state;
+pub mod vlm;
