@@ -1,6 +1,6 @@
 //! Continuous-batching benchmark (a measurement, not a test): aggregate decode
 //! tokens/s and requests/s at several concurrencies, each against serving the
-//! same requests one at a time, in one run.
+//! same requests one at a time, in one run (medians of alternating runs).
 //!
 //! cargo run --release -p vlm-server --example bench_engine -- \
 //!     --model target/mid-checkpoint --concurrency 1,4,16,64 --max-tokens 16
@@ -32,6 +32,9 @@ struct Args {
     /// An image to put in every prompt (default: text only).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Alternating batched / one-at-a-time runs per level; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
 }
 
 struct Level {
@@ -118,9 +121,9 @@ async fn run_level(
     }
 }
 
-async fn start(model: &PathBuf, max_num_seqs: usize) -> Arc<LocalEngine> {
+async fn start(model: &std::path::Path, max_num_seqs: usize) -> Arc<LocalEngine> {
     let (engine, _failed) = LocalEngine::start(EngineOptions {
-        model_dir: model.clone(),
+        model_dir: model.to_path_buf(),
         device: Device::Cpu,
         dtype: DType::F32,
         max_num_seqs,
@@ -157,18 +160,38 @@ async fn main() {
     for &c in &args.concurrency {
         let n = args.requests.unwrap_or(c.max(4));
         let batched_engine = start(&args.model, c).await;
-        let mut batched = run_level(batched_engine, c, n, args.max_tokens, image.clone()).await;
-        let mut alone = run_level(Arc::clone(&sequential), c, n, args.max_tokens, image.clone()).await;
-        let tps = |l: &Level| l.completion_tokens as f64 / l.seconds;
+        // Alternate the two so drift in machine load hits both alike.
+        let (mut batched, mut alone) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeat.max(1) {
+            let engine = Arc::clone(&batched_engine);
+            batched.push(run_level(engine, c, n, args.max_tokens, image.clone()).await);
+            let engine = Arc::clone(&sequential);
+            alone.push(run_level(engine, c, n, args.max_tokens, image.clone()).await);
+        }
+        let tps = |runs: &[Level]| {
+            let mut v: Vec<f64> = runs
+                .iter()
+                .map(|l| l.completion_tokens as f64 / l.seconds)
+                .collect();
+            median(&mut v)
+        };
+        let rps = |runs: &[Level]| {
+            let mut v: Vec<f64> = runs.iter().map(|l| n as f64 / l.seconds).collect();
+            median(&mut v)
+        };
+        let p50 = |runs: &mut [Level]| {
+            let mut v: Vec<f64> = runs.iter_mut().map(|l| median(&mut l.latencies)).collect();
+            median(&mut v)
+        };
         println!(
             "| {c} | {n} | {:.1} | {:.1} | {:.2}x | {:.2} | {:.2} | {:.2} | {:.2} |",
             tps(&batched),
             tps(&alone),
             tps(&batched) / tps(&alone),
-            n as f64 / batched.seconds,
-            n as f64 / alone.seconds,
-            median(&mut batched.latencies),
-            median(&mut alone.latencies),
+            rps(&batched),
+            rps(&alone),
+            p50(&mut batched),
+            p50(&mut alone),
         );
     }
 }

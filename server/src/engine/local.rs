@@ -173,7 +173,7 @@ impl Worker {
             tokenizer: Arc::clone(&tokenizer),
             template,
             tiling,
-            limits: self.options.image_limits.clone(),
+            limits: self.options.image_limits,
             tokens_per_tile: model.tokens_per_tile(),
             max_model_len: self.max_model_len,
         };
