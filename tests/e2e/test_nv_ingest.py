@@ -6,7 +6,7 @@ import pytest
 import requests
 from nv_ingest_api.internal.transform.caption_image import _generate_captions
 
-from conftest import SERVED_NAME, nv_ingest_payload, png_base64
+from e2e_support import SERVED_NAME, nv_ingest_payload, png_base64
 
 
 def test_nv_ingest_client_captions_every_image(server):

@@ -3,7 +3,7 @@
 import openai
 import pytest
 
-from conftest import SERVED_NAME, png_base64
+from e2e_support import SERVED_NAME, png_base64
 
 
 @pytest.fixture
