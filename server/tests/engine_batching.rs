@@ -49,10 +49,21 @@ fn image(name: &str) -> ContentPart {
 fn requests() -> Vec<ChatRequest> {
     let text = |t: &str| ContentPart::Text(t.to_owned());
     let prompts: Vec<Vec<ContentPart>> = vec![
-        vec![text("Caption the content of this image:"), image("wide_200x100.png")],
-        vec![text("Hello, how are you today? Tell me about the weather /no_think")],
-        vec![image("grid_128x96.png"), text("Describe"), image("tall_60x180.png")],
-        vec![text("A longer text prompt that spans more than one prefill chunk of the tiny model, to exercise chunked prefill while other sequences decode.")],
+        vec![
+            text("Caption the content of this image:"),
+            image("wide_200x100.png"),
+        ],
+        vec![text(
+            "Hello, how are you today? Tell me about the weather /no_think",
+        )],
+        vec![
+            image("grid_128x96.png"),
+            text("Describe"),
+            image("tall_60x180.png"),
+        ],
+        vec![text(
+            "A longer text prompt that spans more than one prefill chunk of the tiny model, to exercise chunked prefill while other sequences decode.",
+        )],
         vec![image("grad_64x64.png"), text("What is this?")],
         vec![image("shapes_128x128.png")],
     ];
@@ -162,4 +173,28 @@ async fn bad_images_fail_before_queueing() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a bad image was accepted"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_the_context_is_refused_clearly() {
+    let mut opts = options(2, 4, 512);
+    opts.max_model_len = Some(60);
+    let engine = start(opts).await;
+    // 13 + 4 tiles of four tokens each, plus text: over 60 tokens.
+    let mut r = requests().remove(2);
+    r.max_tokens = 8;
+    match engine.submit(r).await {
+        Err(EngineError::InvalidRequest { message, .. }) => {
+            assert!(message.contains("context"), "{message}")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("an over-long prompt was accepted"),
+    }
+    // max_tokens beyond the remaining context is clamped, not refused.
+    let mut short = requests().remove(1);
+    short.max_tokens = 10_000;
+    short.ignore_eos = true;
+    let (_, reason, completion) = collect(&engine, short).await;
+    assert_eq!(reason, FinishReason::Length);
+    assert!(completion <= 60 - 44, "{completion} tokens after a 44-token prompt in a 60-token context");
 }
