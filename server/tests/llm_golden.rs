@@ -259,8 +259,11 @@ fn generation_stops_on_eos_and_cancel() {
 }
 
 /// CPU throughput on a larger checkpoint (e.g. `scripts/make_checkpoint.py --preset mid`):
-/// `VLM_BENCH_MODEL=dir cargo test --release -p vlm-server --test llm_golden bench -- --ignored --nocapture`
-/// Prompt of `VLM_BENCH_PROMPT` (512) tokens, `VLM_BENCH_DECODE` (64) greedy decode steps.
+/// `VLM_BENCH_MODEL=<absolute dir> cargo test --release -p vlm-server --test llm_golden bench -- --ignored --nocapture`
+/// (tests run in `server/`, hence an absolute path; `RAYON_NUM_THREADS` sets the threads).
+/// Prompt of `VLM_BENCH_PROMPT` (512) tokens, `VLM_BENCH_DECODE` (64) greedy decode steps, batch 1,
+/// median of 4 runs (the first one warms up); then a batched decode of `VLM_BENCH_BATCH` sequences.
+/// Compare with `scripts/bench_reference.py --mode text` at the same thread count.
 #[test]
 #[ignore]
 fn bench_prefill_and_decode() {
@@ -318,6 +321,68 @@ fn bench_prefill_and_decode() {
         }
         decode.push(t1.elapsed().as_secs_f64());
     }
+    // The chunked SSD scan alone, one Mamba layer's worth.
+    {
+        use vlm_server::model::mamba2::ssd_chunked_for;
+        let c = &cfg.model.llm_config;
+        let (l, h, p, g, n) = (
+            n_prompt,
+            c.mamba_num_heads,
+            c.mamba_head_dim,
+            c.n_groups,
+            c.ssm_state_size,
+        );
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (l, h, p), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (l, g, n), &dev).unwrap();
+        let cc = Tensor::randn(0f32, 1.0, (l, g, n), &dev).unwrap();
+        let dt = Tensor::rand(0.001f32, 0.1, (l, h), &dev).unwrap();
+        let a = Tensor::rand(-2f32, -0.5, h, &dev).unwrap();
+        let s0 = Tensor::zeros((h, p, n), DType::F32, &dev).unwrap();
+        ssd_chunked_for(&x, &b, &cc, &dt, &a, &s0, c.chunk_size).unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..5 {
+            ssd_chunked_for(&x, &b, &cc, &dt, &a, &s0, c.chunk_size).unwrap();
+        }
+        println!(
+            "chunked SSD of one Mamba layer over {l} tokens: {:.2} ms",
+            t.elapsed().as_secs_f64() / 5.0 * 1e3
+        );
+    }
+    // Batched decode: `VLM_BENCH_BATCH` (8) sequences of 64-token prompts, one token each
+    // per forward, as the continuous-batching engine runs them.
+    let bsz = env_usize("VLM_BENCH_BATCH", 8);
+    let mut states: Vec<_> = (0..bsz).map(|_| model.new_state().unwrap()).collect();
+    let lens = vec![64usize; bsz];
+    let ids: Vec<u32> = (0..64 * bsz)
+        .map(|i| (100 + (i * 53) % 800) as u32)
+        .collect();
+    let emb = model
+        .embed(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap())
+        .unwrap();
+    let mut refs: Vec<_> = states.iter_mut().collect();
+    model
+        .forward(&emb, &lens, &mut refs, LogitsFor::LastToken)
+        .unwrap();
+    let step_ids: Vec<u32> = (0..bsz as u32).map(|i| 200 + i).collect();
+    let step_emb = model
+        .embed(&Tensor::new(step_ids.as_slice(), &Device::Cpu).unwrap())
+        .unwrap();
+    let ones = vec![1usize; bsz];
+    let t2 = std::time::Instant::now();
+    let steps = 16;
+    for _ in 0..steps {
+        let lg = model
+            .forward(&step_emb, &ones, &mut refs, LogitsFor::LastToken)
+            .unwrap();
+        let _ = lg.to_vec2::<f32>().unwrap();
+    }
+    let batched = t2.elapsed().as_secs_f64();
+    println!(
+        "batched decode, {bsz} sequences x {steps} steps: {:.1} ms/step ({:.1} tok/s)",
+        batched * 1e3 / steps as f64,
+        (bsz * steps) as f64 / batched
+    );
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

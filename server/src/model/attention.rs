@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::NemotronHConfig;
 use super::linear::Linear;
-use super::state::KvCache;
+use super::state::{KvCache, cat_rows};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -97,11 +97,7 @@ impl Attention {
             outs.push(out);
             start += len;
         }
-        let out = if outs.len() == 1 {
-            outs.pop().unwrap_or_else(|| unreachable!())
-        } else {
-            Tensor::cat(&outs, 0)?
-        };
+        let out = cat_rows(outs)?;
         self.o_proj.forward(&out)
     }
 }

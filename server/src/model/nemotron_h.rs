@@ -161,6 +161,19 @@ impl NemotronH {
         states: &mut [&mut SequenceState],
         logits: LogitsFor,
     ) -> Result<Tensor> {
+        // On CPU this runs the pass inside candle's own warm rayon pool; outside it the gemm
+        // calls stay on the calling thread (measured: no matmul parallelism at all).
+        self.device
+            .with_context(|| self.forward_inner(embeds, seq_lens, states, logits))
+    }
+
+    fn forward_inner(
+        &self,
+        embeds: &Tensor,
+        seq_lens: &[usize],
+        states: &mut [&mut SequenceState],
+        logits: LogitsFor,
+    ) -> Result<Tensor> {
         let (total, hidden) = embeds.dims2()?;
         if hidden != self.cfg.hidden_size {
             candle_core::bail!(

@@ -92,6 +92,15 @@ impl KvCache {
     }
 }
 
+/// Concatenate along dim 0 without copying a lone tensor.
+pub(crate) fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    match parts.len() {
+        0 => candle_core::bail!("cat_rows: nothing to concatenate"),
+        1 => Ok(parts.swap_remove(0)),
+        _ => Tensor::cat(&parts, 0),
+    }
+}
+
 /// One layer's state.
 #[derive(Debug, Clone)]
 pub enum LayerState {
