@@ -66,19 +66,28 @@ fn build_prompt(
             },
         ])
         .expect("template renders");
-    let (head, tail) = rendered.split_once("@@").expect("marker survives the template");
+    let (head, tail) = rendered
+        .split_once("@@")
+        .expect("marker survives the template");
     let (head_ids, tiles) = if with_image {
         let s = model.tile_size() as u32;
         // A structured image exactly one tile in size.
         let image = RgbImage::from_fn(s, s, |x, y| {
-            image::Rgb([(x * 255 / s) as u8, (y * 255 / s) as u8, ((x ^ y) & 0xff) as u8])
+            image::Rgb([
+                (x * 255 / s) as u8,
+                (y * 255 / s) as u8,
+                ((x ^ y) & 0xff) as u8,
+            ])
         });
         let tiles = tile_image(&image, tiling).expect("tiling");
         assert_eq!(tiles.num_tiles, 1);
         let ids = tokenizer
             .encode_with_images(head, &[model.tokens_per_tile()])
             .expect("encode");
-        (ids, Some(tiles.to_tensor(&Device::Cpu, DType::F32).expect("tensor")))
+        (
+            ids,
+            Some(tiles.to_tensor(&Device::Cpu, DType::F32).expect("tensor")),
+        )
     } else {
         (tokenizer.encode(head).expect("encode"), None)
     };
@@ -110,7 +119,12 @@ fn run_once(model: &NemotronVl, prompt: &Prompt, decode_tokens: usize) -> (f64, 
     let mut state = model.llm.new_state().expect("state");
     let logits = model
         .llm
-        .forward(&embeds, &[prompt.ids.len()], &mut [&mut state], LogitsFor::LastToken)
+        .forward(
+            &embeds,
+            &[prompt.ids.len()],
+            &mut [&mut state],
+            LogitsFor::LastToken,
+        )
         .expect("prefill");
     let mut next = argmax(&logits);
     let t1 = Instant::now();

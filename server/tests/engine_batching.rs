@@ -196,5 +196,8 @@ async fn a_prompt_longer_than_the_context_is_refused_clearly() {
     short.ignore_eos = true;
     let (_, reason, completion) = collect(&engine, short).await;
     assert_eq!(reason, FinishReason::Length);
-    assert!(completion <= 60 - 44, "{completion} tokens after a 44-token prompt in a 60-token context");
+    assert!(
+        completion <= 60 - 44,
+        "{completion} tokens after a 44-token prompt in a 60-token context"
+    );
 }

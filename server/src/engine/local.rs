@@ -103,7 +103,9 @@ impl Engine for LocalEngine {
 
     async fn submit(&self, request: ChatRequest) -> Result<Generation, EngineError> {
         if !self.is_ready() {
-            return Err(EngineError::Unavailable("the model is still loading".into()));
+            return Err(EngineError::Unavailable(
+                "the model is still loading".into(),
+            ));
         }
         // Fail fast before decoding images when the queue is already full.
         if self.queue.capacity() == 0 {
@@ -112,7 +114,9 @@ impl Engine for LocalEngine {
         let preparer = Arc::clone(&self.preparer);
         let prepared = tokio::task::spawn_blocking(move || match preparer.get() {
             Some(p) => p.prepare(&request),
-            None => Err(EngineError::Unavailable("the model is still loading".into())),
+            None => Err(EngineError::Unavailable(
+                "the model is still loading".into(),
+            )),
         })
         .await
         .map_err(|e| EngineError::Internal(format!("request preparation panicked: {e}")))??;
@@ -146,7 +150,11 @@ impl Worker {
     fn run(self, jobs: mpsc::Receiver<Job>) -> Result<()> {
         let dir = &self.options.model_dir;
         let started = Instant::now();
-        let model = Arc::new(NemotronVl::load(dir, self.options.dtype, &self.options.device)?);
+        let model = Arc::new(NemotronVl::load(
+            dir,
+            self.options.dtype,
+            &self.options.device,
+        )?);
         let cfg = &self.config.model;
         let tokens = ImageTokens {
             context: cfg.img_context_token.clone(),
@@ -189,10 +197,7 @@ impl Worker {
             },
         );
         self.ready.store(true, Ordering::Release);
-        tracing::info!(
-            seconds = started.elapsed().as_secs_f32(),
-            "ready to serve"
-        );
+        tracing::info!(seconds = started.elapsed().as_secs_f32(), "ready to serve");
         scheduler.run(jobs);
         Ok(())
     }

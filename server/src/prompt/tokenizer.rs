@@ -158,7 +158,6 @@ impl PromptTokenizer {
             .decode(ids, true)
             .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
-
 }
 
 /// Incremental detokenizer (special tokens skipped), owning its ids so it can
@@ -192,7 +191,10 @@ impl StreamDecoder {
         let text = tokenizer.decode(&self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok(text.strip_prefix(prefix.as_str()).unwrap_or_default().to_owned())
+        Ok(text
+            .strip_prefix(prefix.as_str())
+            .unwrap_or_default()
+            .to_owned())
     }
 }
 
@@ -210,7 +212,9 @@ mod tests {
     #[test]
     fn streamed_text_equals_whole_decode() {
         let t = tiny();
-        let ids = t.encode("Hello there, caption this: a chart of résumé data — 42%!").unwrap();
+        let ids = t
+            .encode("Hello there, caption this: a chart of résumé data — 42%!")
+            .unwrap();
         let mut d = StreamDecoder::default();
         let mut streamed: String = ids.iter().map(|&id| d.push(&t, id).unwrap()).collect();
         streamed.push_str(&d.finish(&t).unwrap());
@@ -237,13 +241,21 @@ mod tests {
         assert_eq!(&ids[first + 1..first + 4], &[ctx, ctx, ctx]);
         assert_eq!(ids[first + 4], end);
         let err = t.encode_with_images("one <image>", &[1, 1]).unwrap_err();
-        assert!(matches!(err, TokenizerError::ImageCount { placeholders: 1, images: 2 }));
+        assert!(matches!(
+            err,
+            TokenizerError::ImageCount {
+                placeholders: 1,
+                images: 2
+            }
+        ));
     }
 
     #[test]
     fn a_config_id_that_disagrees_with_the_tokenizer_is_refused() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny");
-        let err = PromptTokenizer::load(&dir, ImageTokens::default(), Some(5)).err().unwrap();
+        let err = PromptTokenizer::load(&dir, ImageTokens::default(), Some(5))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("<image>"), "{err}");
     }
 }
