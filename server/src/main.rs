@@ -16,7 +16,11 @@ use vlm_server::engine::{
 use vlm_server::preprocess::ImageLimits;
 
 #[derive(Parser)]
-#[command(name = "vlm-server", version, about = "OpenAI/NIM-compatible server for Nemotron Nano 12B v2 VL")]
+#[command(
+    name = "vlm-server",
+    version,
+    about = "OpenAI/NIM-compatible server for Nemotron Nano 12B v2 VL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,7 +112,9 @@ fn device_and_dtype(device: DeviceKind, dtype: Dtype) -> Result<(Device, DType)>
         (Dtype::F16, _) => DType::F16,
     };
     if device.is_cpu() && dtype != DType::F32 {
-        bail!("--dtype {dtype:?} is not supported on CPU (candle has no CPU half-precision matmul); use f32");
+        bail!(
+            "--dtype {dtype:?} is not supported on CPU (candle has no CPU half-precision matmul); use f32"
+        );
     }
     Ok((device, dtype))
 }
