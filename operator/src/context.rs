@@ -1,11 +1,12 @@
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 
 use crate::metrics::Metrics;
+use crate::probe::{ChatClient, HyperChatClient, Prober};
 
 /// Shared by every reconcile: the API client, the event recorder, metrics, and the per-object
 /// failure counts that drive the retry backoff.
@@ -14,7 +15,14 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub backoff: Backoff,
+    /// Chat-endpoint probe tasks and their last outcomes.
+    pub prober: Prober,
+    /// Whether the ServiceMonitor API exists.
+    pub service_monitors: Discovery,
 }
+
+/// Probes in flight at once across all captioners.
+pub const PROBE_CONCURRENCY: usize = 8;
 
 impl Context {
     pub fn new(client: Client, instance: Option<String>) -> Self {
@@ -27,7 +35,52 @@ impl Context {
             client,
             metrics: Metrics,
             backoff: Backoff::default(),
+            prober: Prober::new(Arc::new(HyperChatClient::default()), PROBE_CONCURRENCY),
+            service_monitors: Discovery::default(),
         }
+    }
+
+    /// The same, probing through `chat` (a fake in tests).
+    pub fn with_chat_client(mut self, chat: Arc<dyn ChatClient>) -> Self {
+        self.prober = Prober::new(chat, PROBE_CONCURRENCY);
+        self
+    }
+
+    /// The same, with ServiceMonitor discovery settled (tests).
+    pub fn with_service_monitors(self, present: bool) -> Self {
+        self.service_monitors.set(present);
+        self
+    }
+}
+
+/// An optional API found by discovery, re-checked every few minutes so installing the
+/// Prometheus Operator later is noticed without a restart.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    known: Mutex<Option<(bool, Option<Instant>)>>,
+}
+
+impl Discovery {
+    const TTL: Duration = Duration::from_secs(300);
+
+    /// `Some(present)` while fresh; `None` when discovery must run.
+    pub fn get(&self) -> Option<bool> {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        match *known {
+            Some((present, None)) => Some(present),
+            Some((present, Some(at))) if at.elapsed() < Self::TTL => Some(present),
+            _ => None,
+        }
+    }
+
+    /// Pins the answer for good (tests).
+    pub fn set(&self, present: bool) {
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = Some((present, None));
+    }
+
+    pub fn found(&self, present: bool) {
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((present, Some(Instant::now())));
     }
 }
 

@@ -14,6 +14,14 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod integrations;
+mod model_download;
+pub use integrations::{
+    AutoscalingSpec, ChatProbeStatus, HealthCheckSpec, NvIngestSpec, NvIngestStatus,
+    ServiceMonitorSpec,
+};
+pub use model_download::{AccessMode, DownloadSource};
+
 /// The field manager for every server-side apply this operator makes.
 pub const FIELD_MANAGER: &str = "vlm-operator";
 /// Port of the Service (nv-ingest's NIM convention), whatever port the container listens on.
@@ -100,26 +108,35 @@ pub struct VlmCaptionerSpec {
     /// Defaults published to nv-ingest in the `<name>-nv-ingest` ConfigMap.
     #[serde(default)]
     pub captioning: CaptioningSpec,
+
+    /// Publish the wiring into nv-ingest's namespaces (ConfigMap, Secret, Service alias).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nv_ingest: Option<NvIngestSpec>,
+
+    /// Periodic chat-completions probe through the Service.
+    #[serde(default)]
+    pub health_check: HealthCheckSpec,
+
+    /// A HorizontalPodAutoscaler on the queue depth; `replicas` is then left to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// Prometheus Operator ServiceMonitor (made only when its CRD is installed).
+    #[serde(default)]
+    pub service_monitor: ServiceMonitorSpec,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Unset parts come from the operator's default server image (`VLM_DEFAULT_SERVER_IMAGE`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ImageSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub repository: String,
+    pub repository: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
-    pub tag: String,
+    pub tag: Option<String>,
     pub pull_policy: PullPolicy,
-}
-
-impl Default for ImageSpec {
-    fn default() -> Self {
-        Self {
-            repository: "vlm-server".into(),
-            tag: env!("CARGO_PKG_VERSION").into(),
-            pull_policy: PullPolicy::IfNotPresent,
-        }
-    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
@@ -151,7 +168,7 @@ pub struct LocalObjectName {
 /// Exactly one source of model weights (a directory holding `config.json` and safetensors).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.pvc) != has(self.hostPath)").message("exactly one of model.pvc or model.hostPath must be set"))]
+#[x_kube(validation = Rule::new("(has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.download) ? 1 : 0) == 1").message("exactly one of model.pvc, model.hostPath or model.download must be set"))]
 pub struct ModelSource {
     /// An existing PersistentVolumeClaim in this namespace, mounted read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,6 +176,9 @@ pub struct ModelSource {
     /// A directory on the node (node-bound; prefer `pvc`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<HostPathSource>,
+    /// Download from the Hugging Face Hub into a PVC the operator creates, before the server starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadSource>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -324,6 +344,12 @@ pub struct VlmCaptionerStatus {
     /// In-cluster chat-completions URL (VLM_CAPTION_ENDPOINT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Namespaces wired for nv-ingest, and conflicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nv_ingest: Option<NvIngestStatus>,
+    /// The last chat-endpoint probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatProbeStatus>,
 }
 
 /// A list-map keyed by `type`, so server-side apply merges conditions one by one.

@@ -12,6 +12,10 @@ pub enum Error {
     },
     #[error("VlmCaptioner {0:?} has no namespace")]
     MissingNamespace(String),
+    #[error("spec.nvIngest.namespaceSelector: {0}")]
+    Selector(String),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
 }
 
 impl Error {
@@ -29,6 +33,8 @@ impl Error {
         match self {
             Error::Kube { verb, .. } => verb,
             Error::MissingNamespace(_) => "missing_namespace",
+            Error::Selector(_) => "selector",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 }

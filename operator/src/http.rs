@@ -12,8 +12,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 #[derive(Clone)]
 pub struct HttpState {
     pub prometheus: PrometheusHandle,
-    /// Set once the controller's cache has synced.
+    /// A standby replica, or a leader whose caches have synced.
     pub ready: Arc<AtomicBool>,
+    /// Whether this replica holds the leader Lease (reported, not required, by `/readyz`).
+    pub leader: Arc<AtomicBool>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -24,11 +26,14 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// Standbys are ready (a rolling update needs the new pod ready before the old leader goes);
+/// a leader is ready once its caches have synced. The body says which.
 async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "cache not synced")
+    let leader = s.leader.load(Ordering::Relaxed);
+    match (s.ready.load(Ordering::Relaxed), leader) {
+        (true, true) => (StatusCode::OK, "ready: leader"),
+        (true, false) => (StatusCode::OK, "ready: standby"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "cache not synced"),
     }
 }
 
@@ -61,9 +66,11 @@ mod tests {
             metrics::counter!(crate::metrics::RECONCILES).increment(2);
         });
         let ready = Arc::new(AtomicBool::new(false));
+        let leader = Arc::new(AtomicBool::new(false));
         let app = router(HttpState {
             prometheus,
             ready: ready.clone(),
+            leader: leader.clone(),
         });
 
         assert_eq!(get(&app, "/healthz").await.0, StatusCode::OK);
@@ -72,7 +79,15 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         ready.store(true, Ordering::Relaxed);
-        assert_eq!(get(&app, "/readyz").await.0, StatusCode::OK);
+        assert_eq!(
+            get(&app, "/readyz").await,
+            (StatusCode::OK, "ready: standby".into())
+        );
+        leader.store(true, Ordering::Relaxed);
+        assert_eq!(
+            get(&app, "/readyz").await,
+            (StatusCode::OK, "ready: leader".into())
+        );
         let (status, body) = get(&app, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("vlm_operator_reconciles_total 2"), "{body}");

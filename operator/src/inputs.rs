@@ -17,6 +17,29 @@ pub struct Inputs {
     pub secret_hash: String,
     /// Everything missing, first reason first; `None` when the server can run.
     pub problem: Option<Problem>,
+    /// The first referenced key's value: what nv-ingest sends, so what the probe and the
+    /// published Secret use.
+    pub first_key: Option<ApiKey>,
+}
+
+/// An API key value; `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
 }
 
 /// Reads the referenced Secrets (each once) and the PVC. Only values of referenced keys are
@@ -73,7 +96,18 @@ pub async fn observe(c: &VlmCaptioner, client: &Client, ns: &str) -> Result<Inpu
         }
     }
 
+    // Only the first reference counts: nv-ingest sends one key. Missing or not UTF-8: none.
+    let first_key = c.spec.auth.api_key_secret_refs.first().and_then(|r| {
+        let v = fetched
+            .get(r.name.as_str())?
+            .as_ref()?
+            .data
+            .as_ref()?
+            .get(&r.key)?;
+        String::from_utf8(v.0.clone()).ok().map(ApiKey)
+    });
     Ok(Inputs {
+        first_key,
         secret_hash: hash_keys(&values),
         problem: merge(problems),
     })

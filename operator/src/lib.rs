@@ -5,13 +5,18 @@ pub mod builders;
 pub mod context;
 pub mod controller;
 pub mod crd;
+pub mod download;
 pub mod error;
 pub mod http;
 pub mod inputs;
+pub mod leader;
 pub mod metrics;
+pub mod overlay;
+pub mod probe;
 pub mod reconcile;
 pub mod status;
 pub mod telemetry;
+pub mod wiring;
 
 pub use context::Context;
 pub use crd::{VlmCaptioner, VlmCaptionerSpec, VlmCaptionerStatus};

@@ -26,6 +26,17 @@ pub mod reason {
     pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
     pub const RECOVERED: &str = "Recovered";
     pub const NOT_READY: &str = "NotReady";
+    // The chat-endpoint probe (`ChatReady`; see `overlay.rs`).
+    pub const CHAT_OK: &str = "ChatOk";
+    pub const CHAT_PROBE_FAILED: &str = "ChatProbeFailed";
+    pub const CHAT_PROBE_TIMED_OUT: &str = "ChatProbeTimedOut";
+    pub const CHAT_PROBE_PENDING: &str = "ChatProbePending";
+    pub const NO_READY_REPLICAS: &str = "NoReadyReplicas";
+    pub const PROBE_DISABLED: &str = "ProbeDisabled";
+    pub const CHAT_NOT_READY: &str = "ChatNotReady";
+    // nv-ingest wiring (`NvIngestWired`).
+    pub const PUBLISHED: &str = "Published";
+    pub const NV_INGEST_CONFLICT: &str = "NvIngestConflict";
 }
 
 /// Something the user has to fix before the server can run (a missing Secret, key or PVC).
@@ -165,11 +176,12 @@ pub fn desired_status(
         replicas: Some(r.replicas),
         ready_replicas: Some(r.ready),
         endpoint: Some(endpoint_url(c)),
+        ..VlmCaptionerStatus::default()
     }
 }
 
 /// A condition that keeps its previous `lastTransitionTime` unless its status flips.
-fn condition(
+pub(crate) fn condition(
     prev: &[Condition],
     type_: &str,
     ok: bool,

@@ -4,18 +4,22 @@
 #![allow(dead_code)] // shared by the tests and the benchmark, which use different parts
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
 use vlm_operator::Context;
 use vlm_operator::crd::VlmCaptioner;
+use vlm_operator::probe::{ChatClient, Outcome, ProbeTarget, Verdict};
 
 pub const NS: &str = "nv";
 pub const NAME: &str = "cap";
@@ -54,12 +58,75 @@ pub fn secret(key: &str, value: &str) -> Secret {
 }
 
 pub fn test_context() -> (Arc<Context>, ApiServerVerifier) {
+    test_context_with(FakeChat::answering("A red square on white."))
+}
+
+/// A context whose chat probe goes to `chat`, on a cluster without the ServiceMonitor API.
+pub fn test_context_with(chat: Arc<FakeChat>) -> (Arc<Context>, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    (
-        Arc::new(Context::new(client, None)),
-        ApiServerVerifier(handle),
-    )
+    let ctx = Context::new(client, None)
+        .with_service_monitors(false)
+        .with_chat_client(chat);
+    (Arc::new(ctx), ApiServerVerifier(handle))
+}
+
+/// A successful probe, as the prober records it.
+pub fn probe_ok() -> Outcome {
+    Outcome {
+        verdict: Verdict::Succeeded,
+        latency: Duration::from_millis(120),
+        caption: Some("A red square on white.".into()),
+        message: None,
+        last_success: Some(Time(Timestamp::from_second(1_700_000_000).expect("time"))),
+    }
+}
+
+/// What the fake chat endpoint does.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    Caption(String),
+    Fail(String),
+    /// Never answers: the probe times out.
+    Hang,
+}
+
+/// A chat endpoint that answers as told and records what it was sent.
+pub struct FakeChat {
+    pub answer: Mutex<Answer>,
+    pub requests: Mutex<Vec<(String, Option<String>, Value)>>,
+}
+
+impl FakeChat {
+    pub fn answering(caption: &str) -> Arc<Self> {
+        Self::with(Answer::Caption(caption.into()))
+    }
+
+    pub fn with(answer: Answer) -> Arc<Self> {
+        Arc::new(Self {
+            answer: Mutex::new(answer),
+            requests: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn calls(&self) -> usize {
+        self.requests.lock().expect("lock").len()
+    }
+}
+
+impl ChatClient for FakeChat {
+    fn post(&self, t: &ProbeTarget) -> BoxFuture<'static, Result<String, String>> {
+        let body = serde_json::from_str(&t.body).unwrap_or(Value::Null);
+        self.requests
+            .lock()
+            .expect("lock")
+            .push((t.url.clone(), t.bearer.clone(), body));
+        match self.answer.lock().expect("lock").clone() {
+            Answer::Caption(c) => Box::pin(async move { Ok(c) }),
+            Answer::Fail(e) => Box::pin(async move { Err(e) }),
+            Answer::Hang => Box::pin(futures::future::pending()),
+        }
+    }
 }
 
 /// How the fake Deployment controller has progressed when the operator applies the Deployment.
@@ -148,6 +215,8 @@ impl ApiServerVerifier {
                     s.apply_config_map().await;
                     s.apply_service().await;
                     s.apply_deployment(pods).await;
+                    s.apply_pdb().await;
+                    s.delete_hpa().await;
                     if status_patch {
                         s.patch_status().await;
                     }
@@ -166,6 +235,8 @@ impl ApiServerVerifier {
                         |_| not_found("deployments.apps \"cap\""),
                     )
                     .await;
+                    s.apply_pdb().await;
+                    s.delete_hpa().await;
                     s.patch_status().await;
                     for reason in events {
                         s.event(reason).await;
@@ -293,6 +364,32 @@ impl Session {
         .await;
     }
 
+    async fn apply_pdb(&mut self) {
+        let uri = format!(
+            "{}{APPLY}",
+            path("/apis/policy/v1", "poddisruptionbudgets/cap")
+        );
+        self.expect(Method::PATCH, uri, |b| {
+            assert_eq!(b["kind"], "PodDisruptionBudget");
+            assert_eq!(
+                b["spec"]["minAvailable"], 0,
+                "one replica: drains are never blocked"
+            );
+            assert_owned(b);
+            (StatusCode::OK, b.clone())
+        })
+        .await;
+    }
+
+    /// Autoscaling is off: a leftover HPA is deleted (here there is none).
+    async fn delete_hpa(&mut self) {
+        let uri = path("/apis/autoscaling/v2", "horizontalpodautoscalers/cap?");
+        self.expect(Method::DELETE, uri, |_| {
+            not_found("horizontalpodautoscalers.autoscaling \"cap\"")
+        })
+        .await;
+    }
+
     async fn event(&mut self, reason: &'static str) {
         let uri = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events?");
         self.expect(Method::POST, uri, move |b| {
@@ -364,6 +461,16 @@ pub async fn serve_everything(
             .await
             .unwrap_or_default();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if method == Method::DELETE {
+            let (status, body) = not_found("object");
+            if let Ok(r) = Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap_or_default()))
+            {
+                send.send_response(r);
+            }
+            continue;
+        }
         let reply = if method == Method::GET && uri.contains("/secrets/") {
             serde_json::to_value(secret(SECRET_KEY, "k")).unwrap_or_default()
         } else if method == Method::GET {
@@ -391,8 +498,8 @@ pub fn bench_context() -> (
     tower_test::mock::Handle<Request<Body>, Response<Body>>,
 ) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    (
-        Arc::new(Context::new(Client::new(service, "default"), None)),
-        handle,
-    )
+    let ctx = Context::new(Client::new(service, "default"), None)
+        .with_service_monitors(false)
+        .with_chat_client(FakeChat::answering("A red square on white."));
+    (Arc::new(ctx), handle)
 }

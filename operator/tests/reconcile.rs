@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fixtures::{
-    NAME, Pods, SECRET, SECRET_KEY, Scenario, Seen, captioner, secret, status_patch, test_context,
-    timeout_after_1s,
+    NAME, NS, Pods, SECRET, SECRET_KEY, Scenario, Seen, captioner, secret, status_patch,
+    test_context, timeout_after_1s,
 };
 use http::Method;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use vlm_operator::builders::SECRET_HASH_ANNOTATION;
 use vlm_operator::crd::{VlmCaptioner, VlmCaptionerStatus};
 use vlm_operator::inputs::hash_keys;
@@ -78,6 +79,8 @@ async fn new_captioner_applies_children_and_reports_progressing() {
             &Method::PATCH,
             &Method::PATCH,
             &Method::PATCH,
+            &Method::DELETE,
+            &Method::PATCH,
             &Method::POST
         ]
     );
@@ -118,8 +121,8 @@ async fn unchanged_captioner_writes_no_status_and_no_events() {
         .await
         .expect("reconcile succeeds");
     let seen = timeout_after_1s(mock).await;
-    // Only the reads and the three idempotent applies.
-    assert_eq!(seen.len(), 5);
+    // Only the reads, the four idempotent applies and the HPA clean-up.
+    assert_eq!(seen.len(), 7);
     assert!(seen.iter().all(|s| !s.uri.contains("/status")));
 }
 
@@ -179,10 +182,13 @@ async fn missing_key_in_secret_degrades() {
 async fn deployment_becoming_ready_sets_ready_true() {
     let status = first_reconcile().await;
     let (ctx, server) = test_context();
+    // The chat probe already answered (see tests/probe.rs for the probe itself).
+    ctx.prober
+        .record(ObjectRef::new(NAME).within(NS), fixtures::probe_ok());
     let mock = server.run(Scenario::Reconcile {
         secret: secret(SECRET_KEY, "key-1"),
         pods: Pods::Ready,
-        events: vec!["Ready"],
+        events: vec!["Ready", "ChatOk"],
         status_patch: true,
     });
     reconcile(with_status(status.clone()), ctx)

@@ -250,8 +250,8 @@ fn cel_rules_are_present_and_read_right() {
     assert_eq!(
         find(".spec.model"),
         [(
-            "has(self.pvc) != has(self.hostPath)",
-            "exactly one of model.pvc or model.hostPath must be set"
+            "(has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.download) ? 1 : 0) == 1",
+            "exactly one of model.pvc, model.hostPath or model.download must be set"
         )]
     );
     assert_eq!(
@@ -283,7 +283,13 @@ fn cel_rules_are_present_and_read_right() {
         "self.startsWith('/')"
     );
     assert_eq!(find(".spec.model.pvc.subPath").len(), 1);
-    assert_eq!(rules.len(), 9, "unexpected rules: {rules:#?}");
+    assert_eq!(
+        find(".spec.model.download.tokenSecretRef.name")[0].0,
+        dns,
+        "the download token reference is checked like the API key ones"
+    );
+    assert_eq!(find(".spec.model.download.repo").len(), 1);
+    assert_eq!(rules.len(), 15, "unexpected rules: {rules:#?}");
     // Every rule has a message a person can act on.
     assert!(rules.iter().all(|r| r.2.len() > 10));
 }
@@ -376,6 +382,8 @@ fn good_objects_pass() {
     assert_eq!(validate(&object(good_spec())), Vec::<String>::new());
     let host = json!({"model": {"hostPath": {"path": "/models/nemotron"}}, "replicas": 0});
     assert_eq!(validate(&object(host)), Vec::<String>::new());
+    let download = json!({"model": {"download": {"revision": "v1.0"}}});
+    assert_eq!(validate(&object(download)), Vec::<String>::new());
 }
 
 #[test]
@@ -384,12 +392,22 @@ fn bad_objects_are_refused_with_readable_messages() {
         (
             "both sources",
             json!({"model": {"pvc": {"claimName": "w"}, "hostPath": {"path": "/m"}}}),
-            "exactly one of model.pvc or model.hostPath",
+            "exactly one of model.pvc, model.hostPath or model.download",
+        ),
+        (
+            "pvc and download",
+            json!({"model": {"pvc": {"claimName": "w"}, "download": {}}}),
+            "exactly one of model.pvc, model.hostPath or model.download",
         ),
         (
             "no source",
             json!({"model": {}}),
-            "exactly one of model.pvc or model.hostPath",
+            "exactly one of model.pvc, model.hostPath or model.download",
+        ),
+        (
+            "download repo without owner",
+            json!({"model": {"download": {"repo": "nemotron"}}}),
+            "repo must be <owner>/<name>",
         ),
         (
             "empty model name",
@@ -529,4 +547,68 @@ fn sample_captioner_deserializes_and_validates() {
         ("ngc-api", "NGC_API_KEY")
     );
     assert_eq!(c.spec.served_model_name, "nvidia/nemotron-nano-12b-v2-vl");
+}
+
+#[test]
+fn integrations_validate_with_readable_messages() {
+    let good = json!({
+        "model": {"pvc": {"claimName": "w"}},
+        "nvIngest": {"namespaces": ["nv-ingest"], "namespaceSelector": {"matchLabels": {"a": "b"}}},
+        "healthCheck": {"intervalSeconds": 30, "timeoutSeconds": 10},
+        "autoscaling": {"enabled": true, "minReplicas": 1, "maxReplicas": 4},
+        "serviceMonitor": {"labels": {"release": "kps"}},
+    });
+    assert_eq!(validate(&object(good)), Vec::<String>::new());
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "max below min",
+            json!({"autoscaling": {"enabled": true, "minReplicas": 3, "maxReplicas": 2}}),
+            "autoscaling.maxReplicas must be >= autoscaling.minReplicas",
+        ),
+        (
+            "bad namespace",
+            json!({"nvIngest": {"namespaces": ["Not_A_Namespace"]}}),
+            "namespaces must be DNS-1123 labels",
+        ),
+        (
+            "bad alias",
+            json!({"nvIngest": {"aliasName": "nemotron.nano"}}),
+            "aliasName must be a DNS-1123 label",
+        ),
+        (
+            "probe too often",
+            json!({"healthCheck": {"intervalSeconds": 1}}),
+            "intervalSeconds",
+        ),
+    ];
+    for (what, patch, expected) in cases {
+        let mut spec = json!({"model": {"pvc": {"claimName": "w"}}});
+        merge(&mut spec, &patch);
+        let errs = validate(&object(spec));
+        assert!(
+            errs.iter().any(|e| e.contains(expected)),
+            "{what}: expected {expected:?} in {errs:?}"
+        );
+    }
+    // Defaults the apiserver fills in.
+    let c: VlmCaptioner = serde_json::from_value(object(json!({
+        "model": {"pvc": {"claimName": "w"}}, "nvIngest": {}, "autoscaling": {"maxReplicas": 2},
+    })))
+    .expect("deserializes");
+    let nv = c.spec.nv_ingest.expect("nvIngest");
+    assert!(nv.alias_service);
+    assert_eq!(nv.alias_name, "nemotron-nano-12b-v2-vl");
+    assert!(c.spec.health_check.enabled);
+    assert_eq!(
+        (
+            c.spec.health_check.interval_seconds,
+            c.spec.health_check.timeout_seconds
+        ),
+        (60, 30)
+    );
+    let a = c.spec.autoscaling.expect("autoscaling");
+    assert_eq!(
+        (a.enabled, a.min_replicas, a.metric_name.as_str()),
+        (false, 1, "vlm_queue_depth")
+    );
 }

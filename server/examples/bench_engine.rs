@@ -132,6 +132,7 @@ async fn start(model: &std::path::Path, max_num_seqs: usize) -> Arc<LocalEngine>
         max_tiles: 1,
         prefill_chunk: 512,
         image_limits: ImageLimits::default(),
+        state_memory: None,
     })
     .expect("engine starts");
     while !engine.is_ready() {

@@ -32,6 +32,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Caption images and print the result (no HTTP).
     Caption(CaptionArgs),
+    /// Download a checkpoint from the Hugging Face Hub into a directory.
+    Download(vlm_server::download::DownloadArgs),
 }
 
 #[derive(clap::Args)]
@@ -63,7 +65,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Serve(args) => args.log_format,
-        Command::Caption(_) => LogFormat::Text,
+        Command::Caption(_) | Command::Download(_) => LogFormat::Text,
     };
     init_tracing(log_format);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Caption(args) => caption(args).await,
+            Command::Download(args) => vlm_server::download::run(args).await,
         }
     });
     match result {
@@ -119,40 +122,33 @@ fn device_and_dtype(device: DeviceKind, dtype: Dtype) -> Result<(Device, DType)>
     Ok((device, dtype))
 }
 
-fn engine_options(
-    model_dir: PathBuf,
-    device: DeviceKind,
-    dtype: Dtype,
-    max_num_seqs: usize,
-    max_queue: usize,
-    max_model_len: Option<usize>,
-    max_tiles: usize,
-) -> Result<EngineOptions> {
+/// Engine options for a model directory on a device; callers adjust the limits.
+fn engine_options(model_dir: PathBuf, device: DeviceKind, dtype: Dtype) -> Result<EngineOptions> {
     let (device, dtype) = device_and_dtype(device, dtype)?;
     Ok(EngineOptions {
         model_dir,
         device,
         dtype,
-        max_num_seqs,
-        max_queue,
-        max_model_len,
-        max_tiles,
+        max_num_seqs: 1,
+        max_queue: 1,
+        max_model_len: None,
+        max_tiles: 12,
         prefill_chunk: 512,
         image_limits: ImageLimits::default(),
+        state_memory: None,
     })
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let api_config = args.api_config()?;
-    let options = engine_options(
-        args.model_dir.clone(),
-        args.device,
-        args.dtype,
-        args.max_num_seqs,
-        args.max_queue,
-        args.max_model_len,
-        args.max_tiles,
-    )?;
+    let options = EngineOptions {
+        max_num_seqs: args.max_num_seqs,
+        max_queue: args.max_queue,
+        max_model_len: args.max_model_len,
+        max_tiles: args.max_tiles,
+        state_memory: args.state_memory,
+        ..engine_options(args.model_dir.clone(), args.device, args.dtype)?
+    };
     let metrics = Metrics::new();
     if metrics.install_global().is_err() {
         tracing::warn!("a metrics recorder was already installed; engine gauges go there");
@@ -195,15 +191,7 @@ async fn shutdown_signal() {
 }
 
 async fn caption(args: CaptionArgs) -> Result<()> {
-    let options = engine_options(
-        args.model_dir.clone(),
-        args.device,
-        args.dtype,
-        1,
-        1,
-        None,
-        12,
-    )?;
+    let options = engine_options(args.model_dir.clone(), args.device, args.dtype)?;
     let (engine, mut load_failed) = LocalEngine::start(options)?;
     while !engine.is_ready() {
         if let Ok(e) = load_failed.try_recv() {

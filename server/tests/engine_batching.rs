@@ -24,6 +24,7 @@ fn options(max_num_seqs: usize, max_queue: usize, prefill_chunk: usize) -> Engin
         max_tiles: 12,
         prefill_chunk,
         image_limits: ImageLimits::default(),
+        state_memory: None,
     }
 }
 
@@ -200,4 +201,35 @@ async fn a_prompt_longer_than_the_context_is_refused_clearly() {
         completion <= 60 - 44,
         "{completion} tokens after a 44-token prompt in a 60-token context"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_budget_makes_requests_wait_not_fail() {
+    let long = || {
+        let mut r = requests().remove(1);
+        r.max_tokens = 100_000; // clamped to the 4096-token context
+        r.ignore_eos = true;
+        r
+    };
+    // Room for exactly one full-context sequence of the tiny model.
+    let cfg = vlm_server::model::config::CheckpointConfig::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny"),
+    )
+    .unwrap();
+    let cost = vlm_server::engine::budget::StateCost::of(&cfg.model.llm_config, 4);
+    let mut opts = options(8, 8, 512);
+    opts.state_memory = Some(cost.for_tokens(4096));
+    let engine = start(opts).await;
+
+    let running = engine.submit(long()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let short = Arc::clone(&engine);
+    let waiting = tokio::spawn(async move { collect(&short, requests().remove(0)).await });
+    // It does not fit beside the long one: it waits (a batch slot is free, memory is not)...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "admitted beyond the state budget");
+    // ...and runs as soon as the long one goes away.
+    drop(running);
+    let done = tokio::time::timeout(Duration::from_secs(30), waiting).await;
+    assert!(done.is_ok(), "the waiting request never ran");
 }

@@ -23,7 +23,7 @@ NAMESPACE = "vlm-system"
 # What the operator calls (operator/src/{controller,reconcile,inputs}.rs and kube's Recorder),
 # as (apiGroup, resource, verb). Tests compare the rendered rules with this set exactly.
 OPERATOR_RULES = (
-    {("captioning.dev", "vlmcaptioners", v) for v in ("get", "list", "watch")}
+    {("captioning.dev", "vlmcaptioners", v) for v in ("get", "list", "watch", "patch")}
     | {("captioning.dev", "vlmcaptioners/status", "patch")}
     | {("captioning.dev", "vlmcaptioners/finalizers", "update")}
     | {
@@ -31,10 +31,17 @@ OPERATOR_RULES = (
         for g, r in (("apps", "deployments"), ("", "services"), ("", "configmaps"))
         for v in ("get", "list", "watch", "create", "patch", "delete")
     }
-    | {("", "secrets", v) for v in ("get", "list", "watch")}
-    | {("", "persistentvolumeclaims", v) for v in ("get", "list", "watch")}
+    | {("", "secrets", v) for v in ("get", "list", "watch", "create", "patch", "delete")}
+    | {("policy", "poddisruptionbudgets", v) for v in ("create", "patch")}
+    | {(g, r, v) for g, r in (("autoscaling", "horizontalpodautoscalers"),
+                             ("monitoring.coreos.com", "servicemonitors"))
+       for v in ("create", "patch", "delete")}
+    | {("", "persistentvolumeclaims", v) for v in ("get", "list", "watch", "create")}
+    | {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")}
     | {(g, "events", v) for g in ("events.k8s.io", "") for v in ("create", "patch")}
 )
+# Cluster-scoped reads, granted only by the ClusterRole: namespaces for spec.nvIngest.namespaceSelector.
+CLUSTER_ONLY_RULES = {("", "namespaces", v) for v in ("get", "list", "watch")}
 LEASE_RULES = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update", "patch")}
 
 
@@ -119,7 +126,7 @@ def test_defaults_pass_the_schema(chart):
     "bad",
     [
         {"replicaCount": "two"},
-        {"replicaCount": 2},  # no leader election yet
+        {"replicaCount": 11},
         {"logFormat": "yaml"},
         {"image": {"repository": "vlm-operator", "tag": "latest"}},
         {"watchNamespaces": ["Not_A_Namespace"]},
@@ -204,7 +211,7 @@ def test_default_render_has_the_expected_objects(chart):
 def test_cluster_rbac_covers_exactly_what_the_operator_calls(chart):
     objects = render(chart)
     role = one(objects, "ClusterRole")
-    assert rule_set(role) == OPERATOR_RULES
+    assert rule_set(role) == OPERATOR_RULES | CLUSTER_ONLY_RULES
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -228,7 +235,7 @@ def test_leader_election_role_is_namespaced_and_only_leases(chart):
 
 
 @pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["team-a"]}])
-def test_no_wildcards_and_no_secret_writes(chart, values):
+def test_no_wildcards_and_no_broad_secret_writes(chart, values):
     for role in by_kind(render(chart, values), "ClusterRole") + by_kind(
         render(chart, values), "Role"
     ):
@@ -236,7 +243,9 @@ def test_no_wildcards_and_no_secret_writes(chart, values):
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], (role["metadata"]["name"], rule)
             if "secrets" in rule["resources"]:
-                assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+                # Reads, plus the labelled nv-ingest copy it publishes: never update or a
+                # deletecollection that could sweep Secrets that are not its own.
+                assert set(rule["verbs"]) <= {"get", "list", "watch", "create", "patch", "delete"}, rule
             assert "escalate" not in rule["verbs"] and "bind" not in rule["verbs"], rule
 
 
@@ -272,7 +281,13 @@ def test_default_deployment_wiring(chart):
     objects = render(chart)
     c = operator_container(objects)
     assert c["image"] == "vlm-operator:0.1.0"
-    assert c["args"] == ["run", "--log-format=json", "--http-addr=0.0.0.0:8080", "--concurrency=4"]
+    assert c["args"] == [
+        "run",
+        "--log-format=json",
+        "--http-addr=0.0.0.0:8080",
+        "--concurrency=4",
+        "--leader-elect=true",
+    ]
     env = {e["name"]: e for e in c["env"]}
     assert env["VLM_DEFAULT_SERVER_IMAGE"]["value"] == "vlm-server:0.1.0"
     assert env["RUST_LOG"]["value"] == "info,kube=warn"
@@ -284,6 +299,11 @@ def test_default_deployment_wiring(chart):
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
     dep = one(objects, "Deployment")
     assert dep["spec"]["replicas"] == 1
+    # Leader election makes a surge pod safe: it waits as a ready standby.
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == one(
         objects, "ServiceAccount"
     )["metadata"]["name"]
@@ -319,9 +339,34 @@ def test_namespaced_mode_grants_only_roles_in_the_watched_namespace(chart):
     assert "--namespace=team-a" in operator_container(objects)["args"]
 
 
-def test_more_than_one_watched_namespace_is_refused_until_the_operator_supports_it(chart):
-    with pytest.raises(helm.HelmRenderError, match="single namespace"):
-        render(chart, {"watchNamespaces": ["team-a", "team-b"]})
+def test_several_watched_namespaces_get_a_role_and_a_flag_each(chart):
+    objects = render(chart, {"watchNamespaces": ["team-a", "team-b"]})
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+    for ns in ("team-a", "team-b"):
+        (role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["namespace"] == ns]
+        assert rule_set(role) == OPERATOR_RULES
+        (binding,) = [b for b in by_kind(objects, "RoleBinding") if b["metadata"]["namespace"] == ns]
+        assert binding["roleRef"]["kind"] == "Role"
+    args = operator_container(objects)["args"]
+    assert [a for a in args if a.startswith("--namespace")] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
+
+
+def test_replicas_with_leader_election(chart):
+    dep = one(render(chart, {"replicaCount": 3}), "Deployment")
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+
+
+def test_without_leader_election_one_replica_and_recreate(chart):
+    objects = render(chart, {"leaderElection": {"enabled": False}})
+    dep = one(objects, "Deployment")
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-elect=false" in operator_container(objects)["args"]
+    with pytest.raises(helm.HelmRenderError, match="needs leaderElection.enabled"):
+        render(chart, {"replicaCount": 2, "leaderElection": {"enabled": False}})
 
 
 def test_custom_images_resources_and_scheduling(chart):
@@ -346,7 +391,13 @@ def test_custom_images_resources_and_scheduling(chart):
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["VLM_DEFAULT_SERVER_IMAGE"] == "registry.example.com/ml/vlm-server:0.1.1-cu13"
     assert env["HTTPS_PROXY"] == "http://proxy.example.com:3128"
-    assert c["args"] == ["run", "--log-format=text", "--http-addr=0.0.0.0:9090", "--concurrency=8"]
+    assert c["args"] == [
+        "run",
+        "--log-format=text",
+        "--http-addr=0.0.0.0:9090",
+        "--concurrency=8",
+        "--leader-elect=true",
+    ]
     assert c["ports"][0]["containerPort"] == 9090
     assert c["resources"] == values["resources"]
     assert pod["nodeSelector"] == values["nodeSelector"]

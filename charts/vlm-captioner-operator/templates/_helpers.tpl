@@ -64,9 +64,6 @@ The namespaced-mode namespaces. The operator binary takes one `--namespace` toda
 than one is refused at render time rather than silently watching only the first.
 */}}
 {{- define "vlm-captioner-operator.watchNamespaces" -}}
-{{- if gt (len .Values.watchNamespaces) 1 }}
-{{- fail (printf "watchNamespaces: the operator watches a single namespace today (`--namespace`); got %d: %s" (len .Values.watchNamespaces) (join ", " .Values.watchNamespaces)) }}
-{{- end }}
 {{- join "," .Values.watchNamespaces }}
 {{- end }}
 
@@ -74,11 +71,19 @@ than one is refused at render time rather than silently watching only the first.
 The operator's rules on captioners and their children: exactly the calls in operator/src.
 Shared by the ClusterRole (all namespaces) and the per-namespace Roles (watchNamespaces).
 */}}
+{{- define "vlm-captioner-operator.clusterRules" -}}
+# nv-ingest namespaces chosen by `spec.nvIngest.namespaceSelector` (cluster mode only).
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+
 {{- define "vlm-captioner-operator.rules" -}}
 # The captioners: watched by the controller.
+# patch: the `captioning.dev/nv-ingest-wiring` finalizer (JSON patch on metadata.finalizers).
 - apiGroups: ["captioning.dev"]
   resources: ["vlmcaptioners"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
 # Status is written with server-side apply (PATCH on the status subresource).
 - apiGroups: ["captioning.dev"]
   resources: ["vlmcaptioners/status"]
@@ -95,14 +100,30 @@ Shared by the ClusterRole (all namespaces) and the per-namespace Roles (watchNam
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# API-key Secrets: read and watched (a key rotation rolls the server pods), never written.
+# API-key Secrets: read and watched (a key rotation rolls the server pods). Written only as
+# the `<name>-nv-ingest` copy published for nv-ingest (`spec.nvIngest`, labelled as ours).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch"]
-# The model PVC is checked for existence, never created.
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Scale and availability children: a PDB always, an HPA with `spec.autoscaling`.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["create", "patch"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["create", "patch", "delete"]
+# A ServiceMonitor when the Prometheus Operator's API exists (discovered, optional).
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["servicemonitors"]
+  verbs: ["create", "patch", "delete"]
+# Model PVCs: `model.pvc` is checked for existence; `model.download` creates `<name>-model`.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "create"]
+# The `model.download` Job (owned, watched; replaced when the snapshot changes).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # Transition events (kube's Recorder writes events.k8s.io/v1 and patches repeats into a series).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, HostPathVolumeSource, LocalObjectReference, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    SecretKeySelector, SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -29,6 +29,7 @@ const LIVE_PATH: &str = "/v1/health/live";
 // Loading ~26 GB of weights from a network volume can take many minutes: allow 30 min to start.
 const STARTUP_PERIOD_S: i32 = 10;
 const STARTUP_FAILURES: i32 = 180;
+pub const PROGRESS_DEADLINE_S: i32 = 2400;
 // A non-root UID the server image does not need to know about (read-only root fs, no home).
 const RUN_AS_ID: i64 = 1000;
 
@@ -71,6 +72,17 @@ pub fn deployment(c: &VlmCaptioner, secret_hash: &str) -> Deployment {
             }),
             ..PodSecurityContext::default()
         }),
+        // Spread replicas over nodes when possible, but never leave one Pending for it.
+        topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(c)),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        }]),
         // The server never talks to the Kubernetes API.
         automount_service_account_token: Some(false),
         // Service links would put one env var per Service of the namespace into the container.
@@ -80,7 +92,9 @@ pub fn deployment(c: &VlmCaptioner, secret_hash: &str) -> Deployment {
     Deployment {
         metadata: child_meta(c, c.name_any()),
         spec: Some(DeploymentSpec {
-            replicas: Some(c.spec.replicas),
+            // With an HPA the replica count is its field: leaving it out of the apply means
+            // server-side apply never takes it back.
+            replicas: super::autoscaling(c).is_none().then_some(c.spec.replicas),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(c)),
                 ..LabelSelector::default()
@@ -98,6 +112,8 @@ pub fn deployment(c: &VlmCaptioner, secret_hash: &str) -> Deployment {
                 metadata: Some(template_meta),
                 spec: Some(pod),
             },
+            // Above the startup probe's 30 min: a slow 26 GB load is not ProgressDeadlineExceeded.
+            progress_deadline_seconds: Some(PROGRESS_DEADLINE_S),
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
@@ -161,7 +177,7 @@ fn container(c: &VlmCaptioner) -> Container {
     };
     Container {
         name: CONTAINER_NAME.into(),
-        image: Some(format!("{}:{}", spec.image.repository, spec.image.tag)),
+        image: Some(super::server_image(c)),
         image_pull_policy: Some(spec.image.pull_policy.as_str().into()),
         command: Some(vec!["vlm-server".into()]),
         args: Some(server_args(c)),
@@ -249,6 +265,15 @@ fn volumes(c: &VlmCaptioner) -> Vec<Volume> {
             host_path: Some(HostPathVolumeSource {
                 path: host.path.clone(),
                 type_: Some("Directory".into()),
+            }),
+            ..Volume::default()
+        },
+        // Filled by the download Job before the Deployment is applied.
+        (None, None) if model.download.is_some() => Volume {
+            name: "model".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: super::model_pvc_name(c),
+                read_only: Some(true),
             }),
             ..Volume::default()
         },

@@ -1,13 +1,32 @@
 //! Pure functions from a `VlmCaptioner` to the objects it owns; no client, no I/O.
 
+mod autoscaling;
 mod configmap;
 mod deployment;
+mod download_job;
+mod image;
+mod published;
+mod pvc;
 mod service;
+
+pub use autoscaling::{autoscaling, hpa, pdb, service_monitor, service_monitor_resource};
+pub use published::{
+    MANAGED_BY_LABEL, OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL, alias_service, is_ours,
+    owner_labels, owner_selector, published_config_map, published_secret, wiring_secret_name,
+};
 
 pub use configmap::{config_map, config_map_name};
 pub use deployment::{
     API_KEY_ENV_PREFIX, CONTAINER_NAME, MODEL_MOUNT_PATH, SECRET_HASH_ANNOTATION, deployment,
 };
+pub use download_job::{
+    BACKOFF_LIMIT, MODEL_SOURCE_ANNOTATION, TEMPLATE_HASH_ANNOTATION, download_job,
+    download_job_name, model_source,
+};
+pub use image::{
+    BUILTIN_SERVER_IMAGE, default_server_image, server_image, set_default_server_image,
+};
+pub use pvc::{model_pvc, model_pvc_name};
 pub use service::{endpoint_url, service};
 
 use std::collections::BTreeMap;

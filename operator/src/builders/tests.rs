@@ -166,6 +166,7 @@ fn host_path_model_source_is_mounted_read_only() {
         host_path: Some(HostPathSource {
             path: "/models/nemotron".into(),
         }),
+        download: None,
     };
     let d = deployment(&c, "abc");
     let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();

@@ -81,6 +81,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 128)]
     pub max_queue: usize,
 
+    /// Memory for per-sequence state (Mamba states + KV caches), e.g. 20GiB:
+    /// a request is admitted only when its whole context fits, else it waits.
+    /// Default: no byte limit, only --max-num-seqs.
+    #[arg(long, value_parser = parse_bytes)]
+    pub state_memory: Option<usize>,
+
     #[arg(long, value_enum, default_value_t = Dtype::Auto)]
     pub dtype: Dtype,
 
@@ -237,6 +243,7 @@ impl fmt::Debug for ServeArgs {
             .field("max_images_per_request", &self.max_images_per_request)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_queue", &self.max_queue)
+            .field("state_memory", &self.state_memory)
             .field("dtype", &self.dtype)
             .field("device", &self.device)
             .field("allow_remote_images", &self.allow_remote_images)

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
+use super::budget::StateCost;
 use super::prepare::Preparer;
 use super::scheduler::{Job, Scheduler, SchedulerConfig};
 use super::{ChatRequest, Engine, EngineError, Generation, ModelInfo};
@@ -37,6 +38,9 @@ pub struct EngineOptions {
     pub max_tiles: usize,
     pub prefill_chunk: usize,
     pub image_limits: ImageLimits,
+    /// Bytes running sequences may reserve for their state (Mamba states and
+    /// KV caches); `None`: no byte limit beyond `max_num_seqs`.
+    pub state_memory: Option<usize>,
 }
 
 pub struct LocalEngine {
@@ -186,6 +190,13 @@ impl Worker {
             max_model_len: self.max_model_len,
         };
         let _ = self.preparer.set(preparer);
+        let state_cost = StateCost::of(&cfg.llm_config, self.options.dtype.size_in_bytes());
+        tracing::info!(
+            fixed_bytes = state_cost.fixed,
+            kv_bytes_per_token = state_cost.per_token,
+            budget = ?self.options.state_memory,
+            "per-sequence state"
+        );
         let scheduler = Scheduler::new(
             model,
             tokenizer,
@@ -194,6 +205,8 @@ impl Worker {
                 prefill_chunk: self.options.prefill_chunk.max(1),
                 max_vision_tiles: 4 * (self.options.max_tiles + 1),
                 eos_token_ids: self.config.eos_token_ids.clone(),
+                state_budget: self.options.state_memory,
+                state_cost,
             },
         );
         self.ready.store(true, Ordering::Release);

@@ -4,6 +4,7 @@
 //! [`Engine`] trait and the plain types below, so the API can be tested
 //! against a fake engine and the engine against the model without HTTP.
 
+pub mod budget;
 pub mod generate;
 pub mod local;
 pub mod prepare;

@@ -15,6 +15,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use tokio::sync::mpsc;
 
+use super::budget::StateCost;
 use super::prepare::PreparedRequest;
 use super::sampling::Sampler;
 use super::stop::StopMatcher;
@@ -34,6 +35,10 @@ pub struct SchedulerConfig {
     /// Tiles per vision forward pass (bounds activation memory).
     pub max_vision_tiles: usize,
     pub eos_token_ids: Vec<u32>,
+    /// Bytes of per-sequence state (Mamba states + KV caches) that running
+    /// sequences may reserve together; `None`: only `max_num_seqs` limits.
+    pub state_budget: Option<usize>,
+    pub state_cost: StateCost,
 }
 
 /// A prepared request waiting in the queue.
@@ -57,6 +62,8 @@ struct Sequence {
     decoder: StreamDecoder,
     stops: StopMatcher,
     ignore_eos: bool,
+    /// State bytes reserved at admission, released when the sequence ends.
+    reserved: usize,
 }
 
 /// How many tokens of a sequence go into this step.
@@ -118,13 +125,25 @@ impl Scheduler {
     /// batches, splice them into the prompt embeddings, allocate state.
     fn admit(&mut self) {
         let mut admitted = Vec::new();
+        let mut reserved: usize = self.running.iter().map(|s| s.reserved).sum();
         while self.running.len() + admitted.len() < self.config.max_num_seqs {
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
-            if !job.events.is_closed() {
-                admitted.push(job);
+            if job.events.is_closed() {
+                continue;
             }
+            let need = self.reservation(&job.request);
+            if let Some(budget) = self.config.state_budget {
+                let alone = self.running.is_empty() && admitted.is_empty();
+                // A request bigger than the whole budget still runs, alone.
+                if reserved + need > budget && !alone {
+                    self.waiting.push_front(job);
+                    break;
+                }
+            }
+            reserved += need;
+            admitted.push(job);
         }
         if admitted.is_empty() {
             return;
@@ -196,6 +215,12 @@ impl Scheduler {
         metrics::counter!(TILES).increment(offset as u64);
     }
 
+    fn reservation(&self, request: &PreparedRequest) -> usize {
+        self.config
+            .state_cost
+            .for_tokens(request.prompt_ids.len() + request.max_tokens)
+    }
+
     fn start_sequence(&self, job: &Job, images: Option<Tensor>) -> Result<Sequence, EngineError> {
         let request = &job.request;
         let embeds = self
@@ -214,6 +239,7 @@ impl Scheduler {
             decoder: StreamDecoder::default(),
             stops: StopMatcher::new(&request.stop),
             ignore_eos: request.ignore_eos,
+            reserved: self.reservation(request),
         })
     }
 
