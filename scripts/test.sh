@@ -16,7 +16,8 @@ fi
 
 # Release mode: the model tests run real forward passes on CPU.
 cargo test --workspace --release
-cargo build --release -p vlm-server
+# Same feature set as the tests (workspace-wide), so nothing is rebuilt.
+cargo build --release --workspace --bins
 # The Helm chart rendered and linted with the real Helm SDK, then the server
 # driven by the real openai and nv-ingest-api clients.
 VLM_SERVER_BIN="$PWD/target/release/vlm-server" "$venv/bin/pytest" -q tests/chart tests/e2e
