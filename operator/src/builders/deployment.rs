@@ -5,9 +5,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, HostPathVolumeSource, LocalObjectReference, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
+    HTTPGetAction, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -47,15 +47,7 @@ pub fn deployment(c: &VlmCaptioner, secret_hash: &str) -> Deployment {
     let pod = PodSpec {
         containers: vec![container(c)],
         volumes: Some(volumes(c)),
-        image_pull_secrets: (!c.spec.image_pull_secrets.is_empty()).then(|| {
-            c.spec
-                .image_pull_secrets
-                .iter()
-                .map(|s| LocalObjectReference {
-                    name: s.name.clone(),
-                })
-                .collect()
-        }),
+        image_pull_secrets: super::image_pull_secrets(c),
         node_selector: (!sched.node_selector.is_empty()).then(|| sched.node_selector.clone()),
         tolerations: (!sched.tolerations.is_empty()).then(|| sched.tolerations.clone()),
         affinity: sched.affinity.clone(),

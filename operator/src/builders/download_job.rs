@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, LocalObjectReference,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
     ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
@@ -165,15 +165,7 @@ fn pod(c: &VlmCaptioner, dl: &DownloadSource) -> PodSpec {
                 ..Volume::default()
             },
         ]),
-        image_pull_secrets: (!c.spec.image_pull_secrets.is_empty()).then(|| {
-            c.spec
-                .image_pull_secrets
-                .iter()
-                .map(|s| LocalObjectReference {
-                    name: s.name.clone(),
-                })
-                .collect()
-        }),
+        image_pull_secrets: super::image_pull_secrets(c),
         // Same placement as the server: a zonal volume binds where its first pod runs.
         node_selector: (!sched.node_selector.is_empty()).then(|| sched.node_selector.clone()),
         tolerations: (!sched.tolerations.is_empty()).then(|| sched.tolerations.clone()),

@@ -60,6 +60,21 @@ pub const MANAGED_BY: &str = "vlm-operator";
 
 /// Metadata of a child: name, namespace, labels and a controller owner reference, so the
 /// garbage collector deletes children with the captioner and `Controller::owns` maps them back.
+/// `spec.imagePullSecrets` as pod references; `None` when empty, so the field is not applied.
+pub(crate) fn image_pull_secrets(
+    c: &VlmCaptioner,
+) -> Option<Vec<k8s_openapi::api::core::v1::LocalObjectReference>> {
+    let secrets = &c.spec.image_pull_secrets;
+    (!secrets.is_empty()).then(|| {
+        secrets
+            .iter()
+            .map(|s| k8s_openapi::api::core::v1::LocalObjectReference {
+                name: s.name.clone(),
+            })
+            .collect()
+    })
+}
+
 fn child_meta(c: &VlmCaptioner, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
