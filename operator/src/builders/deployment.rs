@@ -53,17 +53,7 @@ pub fn deployment(c: &VlmCaptioner, secret_hash: &str) -> Deployment {
         affinity: sched.affinity.clone(),
         runtime_class_name: sched.runtime_class_name.clone(),
         priority_class_name: sched.priority_class_name.clone(),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS_ID),
-            run_as_group: Some(RUN_AS_ID),
-            fs_group: Some(RUN_AS_ID),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..SeccompProfile::default()
-            }),
-            ..PodSecurityContext::default()
-        }),
+        security_context: Some(restricted_pod_security_context()),
         // Spread replicas over nodes when possible, but never leave one Pending for it.
         topology_spread_constraints: Some(vec![TopologySpreadConstraint {
             max_skew: 1,
@@ -317,4 +307,21 @@ fn volume_mounts(c: &VlmCaptioner) -> Vec<VolumeMount> {
             ..VolumeMount::default()
         },
     ]
+}
+
+/// Pod-level restricted settings shared by the server and the download Job:
+/// a fixed non-root uid/gid, `fsGroup` so a fresh volume is writable, and the
+/// runtime's default seccomp profile.
+pub(crate) fn restricted_pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS_ID),
+        run_as_group: Some(RUN_AS_ID),
+        fs_group: Some(RUN_AS_ID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -25,8 +25,6 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "captioning.dev/template-sha256";
 /// Pod failures before the Job is `Failed`.
 pub const BACKOFF_LIMIT: i32 = 4;
 const MOUNT: &str = "/model";
-const RUN_AS_ID: i64 = 1000;
-
 /// `<name>-model-download`.
 pub fn download_job_name(c: &VlmCaptioner) -> String {
     format!("{}-model-download", c.name_any())
@@ -170,18 +168,7 @@ fn pod(c: &VlmCaptioner, dl: &DownloadSource) -> PodSpec {
         node_selector: (!sched.node_selector.is_empty()).then(|| sched.node_selector.clone()),
         tolerations: (!sched.tolerations.is_empty()).then(|| sched.tolerations.clone()),
         affinity: sched.affinity.clone(),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS_ID),
-            run_as_group: Some(RUN_AS_ID),
-            // Makes the fresh volume writable by the non-root user.
-            fs_group: Some(RUN_AS_ID),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..SeccompProfile::default()
-            }),
-            ..PodSecurityContext::default()
-        }),
+        security_context: Some(super::deployment::restricted_pod_security_context()),
         ..PodSpec::default()
     }
 }
