@@ -93,8 +93,10 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = DeviceKind::default())]
     pub device: DeviceKind,
 
-    /// Accept http(s) image URLs. Fetching is not implemented yet, so such
-    /// URLs get a 400 saying so either way; data: URLs always work.
+    /// Also accept http(s) image URLs, fetched by the server (5 s to connect,
+    /// 20 s in all, at most 3 redirects, at most --max-body-bytes). Off by
+    /// default: it lets clients make the server open URLs of their choosing.
+    /// data: URLs always work.
     #[arg(long)]
     pub allow_remote_images: bool,
 

@@ -2,15 +2,20 @@
 //!
 //! Only `data:` URLs are decoded here; the format (PNG/JPEG/WebP) is sniffed
 //! from the bytes by the engine, so an odd or missing mime type is tolerated.
-//! Remote `http(s)` URLs are refused unless the server allows them.
+//! Remote `http(s)` URLs are refused unless the server allows them; then
+//! [`remote`] fetches them.
 
 use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 
+use std::sync::Arc;
+
 use super::config::ApiConfig;
 use super::error::ApiError;
+use super::remote;
 use super::validate::ValidChat;
+use crate::engine::ContentPart;
 
 /// Standard alphabet, padding optional (some clients strip it).
 const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(
@@ -59,16 +64,32 @@ pub fn parse_image_url(
 }
 
 /// Fill in the bytes of remote images (only present when the server allows
-/// them).
+/// them), fetched concurrently; any failure fails the request with a 400 that
+/// names the image.
 pub async fn fetch_remote(chat: &mut ValidChat, config: &ApiConfig) -> Result<(), ApiError> {
-    let Some((i, j, _url)) = chat.remote_images.first() else {
+    if chat.remote_images.is_empty() {
         return Ok(());
-    };
-    let _ = config;
-    Err(ApiError::invalid(
-        "Fetching remote images is not supported by this build; send the image inline",
-        format!("messages[{i}].content[{j}].image_url"),
-    ))
+    }
+    let fetches = chat.remote_images.iter().map(|(i, j, url)| async move {
+        let param = format!("messages[{i}].content[{j}].image_url");
+        remote::fetch_image(url, config.max_body_bytes)
+            .await
+            .map(|bytes| (*i, *j, bytes))
+            .map_err(|e| ApiError::invalid(e.to_string(), param))
+    });
+    for (i, j, bytes) in futures::future::try_join_all(fetches).await? {
+        let part = chat
+            .request
+            .messages
+            .get_mut(i)
+            .and_then(|m| m.parts.get_mut(j));
+        match part {
+            Some(ContentPart::Image(slot)) => *slot = Arc::new(bytes),
+            _ => return Err(ApiError::internal("remote image placeholder missing")),
+        }
+    }
+    chat.remote_images.clear();
+    Ok(())
 }
 
 /// `rest` is what follows `data:`: `[<mime>][;params];base64,<payload>`.

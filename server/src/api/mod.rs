@@ -18,6 +18,7 @@ mod images;
 pub mod metrics;
 mod protocol;
 mod reasoning;
+mod remote;
 mod stream;
 mod validate;
 
@@ -37,7 +38,7 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use config::{ApiConfig, ApiKeys};
 pub use error::ApiError;
@@ -118,7 +119,12 @@ pub fn router<E: Engine>(engine: Arc<E>, config: ApiConfig, metrics: Metrics) ->
                 .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(TraceLayer::new_for_http())
+                // Failures are logged once, with their cause, by `ApiError`; a 503 from
+                // the readiness probe while the model loads is no error at all.
+                .layer(
+                    TraceLayer::new_for_http()
+                        .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+                )
                 .layer(CatchPanicLayer::custom(panic_response))
                 .layer(middleware::from_fn_with_state(metrics, record_http_metrics))
                 .layer(DefaultBodyLimit::max(body_limit)),
