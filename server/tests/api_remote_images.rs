@@ -64,8 +64,7 @@ async fn failed_fetches_are_400s_naming_the_image() {
     ];
     for (path, wanted) in cases {
         let body = nv_ingest_body(&format!("{host}/{path}"));
-        let error =
-            expect_error(nv_ingest_post(&client(), &server.chat_url(), &body), 400).await;
+        let error = expect_error(nv_ingest_post(&client(), &server.chat_url(), &body), 400).await;
         let message = error["message"].as_str().unwrap();
         assert!(message.contains(wanted), "{path}: {message}");
         assert_eq!(error["param"], "messages[1].content[1].image_url");
