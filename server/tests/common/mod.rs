@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use vlm_server::api::{self, ApiConfig, Metrics};
 
+#[allow(unused_imports)] // not every test file scripts the engine
 pub use fake_engine::{FakeEngine, Script};
 
 pub const MODEL: &str = "nvidia/nemotron-nano-12b-v2-vl";
