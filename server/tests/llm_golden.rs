@@ -13,13 +13,17 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::Value;
 use vlm_server::engine::FinishReason;
 use vlm_server::engine::generate::{GenerateParams, StepControl, generate, generate_from_ids};
 use vlm_server::model::checkpoint::Checkpoint;
 use vlm_server::model::config::CheckpointConfig;
 use vlm_server::model::nemotron_h::{LogitsFor, NemotronH};
+
+#[path = "support/device.rs"]
+mod device;
+use device::test_device;
 
 const MAX_REL_LOGITS: f32 = 1e-4;
 const MAX_REL_STATE: f32 = 1e-4;
@@ -60,7 +64,7 @@ fn prompt_embeds(
     tensors: &HashMap<String, Tensor>,
 ) -> Tensor {
     let text = model
-        .embed(&Tensor::new(input_ids, &Device::Cpu).unwrap())
+        .embed(&Tensor::new(input_ids, &test_device()).unwrap())
         .unwrap();
     if image_files.is_empty() {
         return text;
@@ -100,7 +104,7 @@ fn prompt_embeds(
     );
     Tensor::cat(&[text, images], 0)
         .unwrap()
-        .index_select(&Tensor::new(idx.as_slice(), &Device::Cpu).unwrap(), 0)
+        .index_select(&Tensor::new(idx.as_slice(), &test_device()).unwrap(), 0)
         .unwrap()
 }
 
@@ -114,14 +118,14 @@ fn llm_matches_reference_on_all_cases() {
     )
     .expect("golden.json is JSON");
     let tensors =
-        candle_core::safetensors::load(golden_dir.join("tensors.safetensors"), &Device::Cpu)
+        candle_core::safetensors::load(golden_dir.join("tensors.safetensors"), &test_device())
             .expect("tests/golden/tensors.safetensors");
 
     let model_dir = dir().join("assets/tiny");
     let cfg = CheckpointConfig::load(&model_dir).expect("tiny config");
     let ckpt = Checkpoint::open(&model_dir).expect("tiny checkpoint");
     let model =
-        NemotronH::load(&ckpt, &cfg.model.llm_config, DType::F32, &Device::Cpu).expect("load");
+        NemotronH::load(&ckpt, &cfg.model.llm_config, DType::F32, &test_device()).expect("load");
     let context_id = cfg.model.img_context_token_id;
 
     let mut checked = 0;
@@ -212,7 +216,7 @@ fn generation_stops_on_eos_and_cancel() {
         &Checkpoint::open(&model_dir).unwrap(),
         &cfg.model.llm_config,
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
     let prompt = [10u32, 11, 500, 600, 700];

@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 use vlm_server::model::projector::{PROJECTOR_PREFIX, Projector, pixel_shuffle};
@@ -18,6 +18,10 @@ use vlm_server::model::radio::{RADIO_PREFIX, RadioConfig, RadioEncoder};
 use vlm_server::preprocess::{
     ImageLimits, PreprocessError, TilingConfig, decode_image, tile_image,
 };
+
+#[path = "support/device.rs"]
+mod device;
+use device::test_device;
 
 const TILE_MAX_ABS: f32 = 1e-3;
 const MODEL_MAX_REL: f32 = 1e-4;
@@ -108,7 +112,7 @@ fn fixtures() -> Fixtures {
         .collect::<Vec<_>>();
     assert!(!images.is_empty(), "golden.json lists no images");
     let tensors =
-        candle_core::safetensors::load(golden_dir.join("tensors.safetensors"), &Device::Cpu)
+        candle_core::safetensors::load(golden_dir.join("tensors.safetensors"), &test_device())
             .expect("load tests/golden/tensors.safetensors");
     let max_tiles = golden
         .get("max_tiles")
@@ -156,7 +160,7 @@ fn tiny_var_builder() -> VarBuilder<'static> {
         .collect();
     let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
     // SAFETY: the fixture files are not modified while the test runs.
-    unsafe { VarBuilder::from_mmaped_safetensors(&paths, DType::F32, &Device::Cpu) }
+    unsafe { VarBuilder::from_mmaped_safetensors(&paths, DType::F32, &test_device()) }
         .expect("mmap tiny checkpoint shards")
 }
 
@@ -259,7 +263,7 @@ fn tiling_matches_golden() {
         let tiles = tile_image(&rgb, &cfg).expect("tile");
         assert_eq!(tiles.grid, img.grid, "{}: grid", img.file);
         assert_eq!(tiles.num_tiles, img.num_tiles, "{}: num_tiles", img.file);
-        let ours = tiles.to_tensor(&Device::Cpu, DType::F32).unwrap();
+        let ours = tiles.to_tensor(&test_device(), DType::F32).unwrap();
         let golden = fx.tensor(&format!("tiles.{}", img.stem));
         let (max, mean) = (max_abs_diff(&ours, golden), mean_abs_diff(&ours, golden));
         eprintln!(
@@ -329,7 +333,7 @@ fn end_to_end_from_image_files() {
         let rgb = decode_image(&bytes, &ImageLimits::default()).expect("decode");
         let tiles = tile_image(&rgb, &cfg)
             .expect("tile")
-            .to_tensor(&Device::Cpu, DType::F32)
+            .to_tensor(&test_device(), DType::F32)
             .unwrap();
         let (features, embeddings) = model.run(&tiles);
         let vit = max_rel_diff(&features, fx.tensor(&format!("vision.{}", img.stem)));

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::Value;
 use vlm_server::engine::generate::{GenerateParams, StepControl, generate};
 use vlm_server::engine::prepare::Preparer;
@@ -15,6 +15,10 @@ use vlm_server::model::nemotron_h::LogitsFor;
 use vlm_server::model::vlm::NemotronVl;
 use vlm_server::preprocess::{ImageLimits, TilingConfig};
 use vlm_server::prompt::{ChatTemplate, ImageTokens, PromptTokenizer};
+
+#[path = "support/device.rs"]
+mod device;
+use device::test_device;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -37,10 +41,10 @@ fn fixture() -> Fixture {
     )
     .expect("golden.json parses");
     let tensors =
-        candle_core::safetensors::load(golden_dir().join("tensors.safetensors"), &Device::Cpu)
+        candle_core::safetensors::load(golden_dir().join("tensors.safetensors"), &test_device())
             .expect("tensors.safetensors");
     let model_dir = repo().join(golden["model"].as_str().unwrap());
-    let model = NemotronVl::load(&model_dir, DType::F32, &Device::Cpu).expect("tiny model loads");
+    let model = NemotronVl::load(&model_dir, DType::F32, &test_device()).expect("tiny model loads");
     let cfg = &model.config.model;
     let tokens = ImageTokens {
         context: cfg.img_context_token.clone(),
@@ -167,7 +171,7 @@ fn every_case_matches_the_reference_end_to_end() {
             let tiles: Vec<Tensor> = prepared
                 .images
                 .iter()
-                .map(|t| t.to_tensor(&Device::Cpu, DType::F32).unwrap())
+                .map(|t| t.to_tensor(&test_device(), DType::F32).unwrap())
                 .collect();
             Some(
                 f.model

@@ -9,5 +9,6 @@ pub mod nemotron_h;
 pub mod norm;
 pub mod projector;
 pub mod radio;
+pub mod random;
 pub mod state;
 pub mod vlm;

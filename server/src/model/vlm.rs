@@ -6,10 +6,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use super::checkpoint::Checkpoint;
 use super::config::CheckpointConfig;
-use super::nemotron_h::NemotronH;
+use super::nemotron_h::{LLM_PREFIX, NemotronH};
 use super::projector::{PROJECTOR_PREFIX, Projector, pixel_shuffle};
 use super::radio::{RADIO_PREFIX, RadioConfig, RadioEncoder};
 
@@ -26,16 +27,21 @@ impl NemotronVl {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = CheckpointConfig::load(dir)?;
         let ckpt = Checkpoint::open(dir)?;
+        Self::from_var_builder(config, ckpt.var_builder(dtype, device))
+    }
+
+    /// Build from any weight source laid out like the checkpoint (`vb` at its root, with
+    /// the dtype and device to run in), e.g. [`super::random::RandomWeights`].
+    pub fn from_var_builder(config: CheckpointConfig, vb: VarBuilder) -> Result<Self> {
         let cfg = &config.model;
         let tile_size = cfg.force_image_size;
         let vision_cfg = RadioConfig::from_vision_config(&cfg.vision_config)
             .context("config.json: vision_config")?;
-        let vb = ckpt.var_builder(dtype, device);
         let vision = RadioEncoder::load(&vision_cfg, vb.pp(RADIO_PREFIX), &[tile_size])
             .context("loading the RADIO vision encoder")?;
         let projector =
             Projector::load(vb.pp(PROJECTOR_PREFIX)).context("loading the mlp1 projector")?;
-        let llm = NemotronH::load(&ckpt, &cfg.llm_config, dtype, device)
+        let llm = NemotronH::new(&cfg.llm_config, vb.pp(LLM_PREFIX))
             .context("loading the NemotronH language model")?;
 
         let model = NemotronVl {
