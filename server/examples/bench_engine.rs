@@ -4,17 +4,24 @@
 //!
 //! cargo run --release -p vlm-server --example bench_engine -- \
 //!     --model target/mid-checkpoint --concurrency 1,4,16,64 --max-tokens 16
+//!
+//! `--step-batches 1,4,16,64` first times the model's decode step alone at those
+//! batch sizes (no scheduler, sampling or streaming): the ceiling the engine's
+//! aggregate decode throughput can reach.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use vlm_server::engine::local::{EngineOptions, LocalEngine};
 use vlm_server::engine::{
     ChatMessage, ChatRequest, ContentPart, Engine, GenerationEvent, Role, SamplingParams,
 };
+use vlm_server::model::nemotron_h::{LogitsFor, NemotronH};
+use vlm_server::model::state::SequenceState;
+use vlm_server::model::vlm::NemotronVl;
 use vlm_server::preprocess::ImageLimits;
 
 #[derive(Parser)]
@@ -35,6 +42,99 @@ struct Args {
     /// Alternating batched / one-at-a-time runs per level; medians are reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Batch sizes at which to time the bare model decode step first (none: skip).
+    #[arg(long, value_delimiter = ',')]
+    step_batches: Vec<usize>,
+    /// Decode steps timed per batch size.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Only the model decode step (`--step-batches`), not the engine.
+    #[arg(long)]
+    steps_only: bool,
+}
+
+/// CPU time of this process so far (all threads), from Linux's per-thread schedstat, in
+/// seconds: on a shared machine it does not count the time other processes held the cores.
+fn process_cpu_seconds() -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 * 1e-9)
+}
+
+/// (median wall seconds, mean CPU seconds) of one decode step of `batch` sequences, each
+/// after a 32-token prompt.
+fn time_decode_step(llm: &NemotronH, batch: usize, steps: usize) -> (f64, Option<f64>) {
+    let dev = llm.device();
+    let pool = llm.new_pool(batch).expect("state pool");
+    let mut states: Vec<SequenceState> = (0..batch)
+        .map(|_| pool.acquire(None).expect("zeroed").expect("a free slot"))
+        .collect();
+    for (i, st) in states.iter_mut().enumerate() {
+        let ids: Vec<u32> = (0..32).map(|t| ((t * 31 + i * 7) % 1000) as u32).collect();
+        let embeds = llm
+            .embed(&Tensor::new(ids.as_slice(), dev).unwrap())
+            .unwrap();
+        llm.forward(&embeds, &[32], &pool, &mut [st], LogitsFor::LastToken)
+            .expect("prefill");
+    }
+    let ids: Vec<u32> = (0..batch as u32).map(|i| 100 + i).collect();
+    let embeds = llm
+        .embed(&Tensor::new(ids.as_slice(), dev).unwrap())
+        .unwrap();
+    let lens = vec![1; batch];
+    let mut times = Vec::new();
+    let mut cpu0 = None;
+    for _ in 0..steps.max(1) + 1 {
+        let mut refs: Vec<&mut SequenceState> = states.iter_mut().collect();
+        let t0 = Instant::now();
+        llm.forward(&embeds, &lens, &pool, &mut refs, LogitsFor::LastToken)
+            .expect("decode step")
+            .to_vec2::<f32>()
+            .expect("logits");
+        times.push(t0.elapsed().as_secs_f64());
+        // The first step is a warm-up.
+        cpu0 = cpu0.or_else(process_cpu_seconds);
+    }
+    times.remove(0);
+    let cpu = process_cpu_seconds()
+        .zip(cpu0)
+        .map(|(t1, t0)| (t1 - t0) / times.len() as f64);
+    (median(&mut times), cpu)
+}
+
+fn bench_steps(model: &std::path::Path, batches: &[usize], steps: usize) {
+    let vl = NemotronVl::load(model, DType::F32, &Device::Cpu).expect("model loads");
+    println!(
+        "| batch | decode step ms | tokens/s | vs batch {0} | CPU ms/step (all threads) | tokens per CPU s, vs batch {0} |",
+        batches[0]
+    );
+    println!("|---|---|---|---|---|---|");
+    let (mut base, mut cpu_base) = (None, None);
+    for &b in batches {
+        let (s, cpu) = time_decode_step(&vl.llm, b, steps);
+        let tps = b as f64 / s;
+        let base = *base.get_or_insert(tps);
+        let (cpu_ms, cpu_ratio) = match cpu {
+            Some(c) => {
+                let per_cpu = b as f64 / c;
+                let first = *cpu_base.get_or_insert(per_cpu);
+                (
+                    format!("{:.2}", c * 1e3),
+                    format!("{:.2}x", per_cpu / first),
+                )
+            }
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {b} | {:.2} | {tps:.1} | {:.2}x | {cpu_ms} | {cpu_ratio} |",
+            s * 1e3,
+            tps / base
+        );
+    }
+    println!();
 }
 
 struct Level {
@@ -149,6 +249,12 @@ fn median(v: &mut [f64]) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if !args.step_batches.is_empty() {
+        bench_steps(&args.model, &args.step_batches, args.steps);
+    }
+    if args.steps_only {
+        return;
+    }
     let image = args
         .image
         .as_ref()

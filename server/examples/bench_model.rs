@@ -116,12 +116,14 @@ fn run_once(model: &NemotronVl, prompt: &Prompt, decode_tokens: usize) -> (f64, 
     let embeds = model
         .embed_prompt(&prompt.ids, images.as_ref())
         .expect("embed");
-    let mut state = model.llm.new_state().expect("state");
+    let pool = model.llm.new_pool(1).expect("state pool");
+    let mut state = pool.acquire(None).expect("state").expect("a free slot");
     let logits = model
         .llm
         .forward(
             &embeds,
             &[prompt.ids.len()],
+            &pool,
             &mut [&mut state],
             LogitsFor::LastToken,
         )
@@ -135,7 +137,7 @@ fn run_once(model: &NemotronVl, prompt: &Prompt, decode_tokens: usize) -> (f64, 
             .expect("embed");
         let logits = model
             .llm
-            .forward(&e, &[1], &mut [&mut state], LogitsFor::LastToken)
+            .forward(&e, &[1], &pool, &mut [&mut state], LogitsFor::LastToken)
             .expect("decode");
         next = argmax(&logits);
     }

@@ -233,3 +233,113 @@ async fn the_state_budget_makes_requests_wait_not_fail() {
     let done = tokio::time::timeout(Duration::from_secs(30), waiting).await;
     assert!(done.is_ok(), "the waiting request never ran");
 }
+
+/// Poll `cond` every few milliseconds for up to `limit`.
+async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    cond()
+}
+
+/// A request that would run for a very long time unless cancelled.
+fn endless() -> ChatRequest {
+    let mut r = requests().remove(1);
+    r.max_tokens = 100_000;
+    r.ignore_eos = true;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_request_frees_its_slot_at_once() {
+    let mut opts = options(2, 4, 512);
+    opts.max_model_len = Some(131_072);
+    let engine = start(opts).await;
+    let usage = || engine.slot_usage().expect("loaded");
+    assert_eq!((usage().capacity, usage().in_use), (2, 0));
+    let mut generation = engine.submit(endless()).await.unwrap();
+    // It is running once it streams text.
+    let first = generation.events.recv().await;
+    assert!(
+        matches!(first, Some(GenerationEvent::Delta(_))),
+        "{first:?}"
+    );
+    assert_eq!(usage().in_use, 1);
+    drop(generation);
+    // ~100k tokens from finishing: only the cancellation can free the slot in time.
+    assert!(
+        eventually(Duration::from_secs(10), || usage().in_use == 0).await,
+        "the cancelled request still holds its slot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_reused_zeroed_and_never_exceed_the_pool() {
+    // Each request alone on a fresh engine: its slot starts from a never-used pool.
+    let mut expected = Vec::new();
+    for r in requests() {
+        let fresh = start(options(1, 4, 512)).await;
+        expected.push(collect(&fresh, r).await);
+    }
+    let engine = start(options(2, 64, 7)).await;
+    // Dirty both slots: two long generations, cancelled mid-way.
+    let mut dirty = Vec::new();
+    for _ in 0..2 {
+        let mut g = engine.submit(endless()).await.unwrap();
+        for _ in 0..5 {
+            g.events.recv().await;
+        }
+        dirty.push(g);
+    }
+    drop(dirty);
+    // Six requests through two reused slots, arriving while others run.
+    let mut handles = Vec::new();
+    for (i, r) in requests().into_iter().enumerate() {
+        let engine = Arc::clone(&engine);
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2 * i as u64)).await;
+            collect(&engine, r).await
+        }));
+    }
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap(), expected[i], "request {i}");
+    }
+    let usage = engine.slot_usage().expect("loaded");
+    assert_eq!(usage.capacity, 2);
+    assert_eq!(usage.peak, 2, "both slots were used");
+    assert!(
+        eventually(Duration::from_secs(5), || engine
+            .slot_usage()
+            .unwrap()
+            .in_use
+            == 0)
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_budget_sizes_the_pool() {
+    let cfg = vlm_server::model::config::CheckpointConfig::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny"),
+    )
+    .unwrap();
+    let cost = vlm_server::engine::budget::StateCost::of(&cfg.model.llm_config, 4);
+    // Room for three Mamba states and a little KV (max_num_seqs 8): a pool of three, and
+    // requests whose KV does not fit beside others run one at a time, but they all run.
+    let mut opts = options(8, 16, 512);
+    opts.state_memory = Some(3 * cost.fixed + cost.fixed / 2);
+    let engine = start(opts).await;
+    assert_eq!(engine.slot_usage().unwrap().capacity, 3);
+    let mut handles = Vec::new();
+    for r in requests() {
+        let engine = Arc::clone(&engine);
+        handles.push(tokio::spawn(async move { collect(&engine, r).await }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+}

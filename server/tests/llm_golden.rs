@@ -138,11 +138,13 @@ fn llm_matches_reference_on_all_cases() {
         let embeds = prompt_embeds(&model, &input_ids, image_files, context_id, &tensors);
 
         // Prefill: full logits and the per-layer Mamba states.
-        let mut state = model.new_state().unwrap();
+        let pool = model.new_pool(1).unwrap();
+        let mut state = pool.acquire(None).unwrap().unwrap();
         let logits = model
             .forward(
                 &embeds,
                 &[input_ids.len()],
+                &pool,
                 &mut [&mut state],
                 LogitsFor::AllTokens,
             )
@@ -164,7 +166,9 @@ fn llm_matches_reference_on_all_cases() {
         }
         let mut worst_state: f32 = 0.0;
         for i in 0..cfg.model.llm_config.layers.len() {
-            let Some(ms) = state.mamba(i) else { continue };
+            let Some(ms) = pool.mamba_state(i, &state).unwrap() else {
+                continue;
+            };
             if let Some(want) = tensors.get(&format!("mamba_state.{name}.layer{i}")) {
                 worst_state = worst_state.max(rel_err(&ms.ssm, want));
             }

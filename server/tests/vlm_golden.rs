@@ -185,13 +185,15 @@ fn every_case_matches_the_reference_end_to_end() {
             .unwrap();
 
         // Prefill logits at every position.
-        let mut state = f.model.llm.new_state().unwrap();
+        let pool = f.model.llm.new_pool(1).unwrap();
+        let mut state = pool.acquire(None).unwrap().unwrap();
         let logits = f
             .model
             .llm
             .forward(
                 &embeds,
                 &[prepared.prompt_ids.len()],
+                &pool,
                 &mut [&mut state],
                 LogitsFor::AllTokens,
             )

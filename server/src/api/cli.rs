@@ -81,9 +81,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 128)]
     pub max_queue: usize,
 
-    /// Memory for per-sequence state (Mamba states + KV caches), e.g. 20GiB:
-    /// a request is admitted only when its whole context fits, else it waits.
-    /// Default: no byte limit, only --max-num-seqs.
+    /// Memory for sequence state, e.g. 20GiB: the Mamba state pool (allocated
+    /// at start, up to --max-num-seqs slots) plus KV caches; a request is
+    /// admitted only when its whole context fits, else it waits. Default: on
+    /// CUDA 80% of the memory free after loading the weights, on CPU no limit.
     #[arg(long, value_parser = parse_bytes)]
     pub state_memory: Option<usize>,
 

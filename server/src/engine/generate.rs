@@ -77,7 +77,11 @@ pub fn generate(
         None => params.max_tokens,
     };
     let mut sampler = Sampler::new(params.sampling.clone());
-    let mut state = model.new_state()?;
+    // A one-slot pool: the sequence's Mamba states, allocated once for this generation.
+    let pool = model.new_pool(1)?;
+    let Some(mut state) = pool.acquire(Some(prompt_tokens + max_tokens))? else {
+        candle_core::bail!("generate: a fresh one-slot state pool has no free slot");
+    };
     let mut tokens = Vec::new();
     let finish = |tokens: Vec<u32>, finish_reason, cancelled| GenerateOutput {
         completion_tokens: tokens.len(),
@@ -93,6 +97,7 @@ pub fn generate(
     let mut logits = model.forward(
         prompt_embeds,
         &[prompt_tokens],
+        &pool,
         &mut [&mut state],
         LogitsFor::LastToken,
     )?;
@@ -117,6 +122,7 @@ pub fn generate(
         logits = model.forward(
             &model.embed(&ids)?,
             &[1],
+            &pool,
             &mut [&mut state],
             LogitsFor::LastToken,
         )?;

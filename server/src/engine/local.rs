@@ -15,12 +15,13 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
-use super::budget::StateCost;
+use super::budget::{StateCost, device_state_budget, pool_slots};
 use super::prepare::Preparer;
 use super::scheduler::{Job, Scheduler, SchedulerConfig};
 use super::{ChatRequest, Engine, EngineError, Generation, ModelInfo};
 use crate::model::config::{CheckpointConfig, parse_json_lenient};
 use crate::model::nemotron_h::LogitsFor;
+use crate::model::state::{SlotMonitor, SlotUsage};
 use crate::model::vlm::NemotronVl;
 use crate::preprocess::{ImageLimits, TilingConfig};
 use crate::prompt::{ChatTemplate, ImageTokens, PromptTokenizer};
@@ -38,8 +39,10 @@ pub struct EngineOptions {
     pub max_tiles: usize,
     pub prefill_chunk: usize,
     pub image_limits: ImageLimits,
-    /// Bytes running sequences may reserve for their state (Mamba states and
-    /// KV caches); `None`: no byte limit beyond `max_num_seqs`.
+    /// Bytes for sequence state: the Mamba state pool (allocated at start,
+    /// at most `max_num_seqs` slots) plus the KV caches running sequences
+    /// reserve. `None`: on CUDA a share of the memory free after loading the
+    /// weights ([`super::budget::DEVICE_STATE_FRACTION`]), on CPU no byte limit.
     pub state_memory: Option<usize>,
 }
 
@@ -48,6 +51,7 @@ pub struct LocalEngine {
     preparer: Arc<OnceLock<Preparer>>,
     ready: Arc<AtomicBool>,
     info: ModelInfo,
+    slots: Arc<OnceLock<SlotMonitor>>,
 }
 
 impl LocalEngine {
@@ -67,6 +71,7 @@ impl LocalEngine {
         let (queue, jobs) = mpsc::channel(options.max_queue.max(1));
         let preparer = Arc::new(OnceLock::new());
         let ready = Arc::new(AtomicBool::new(false));
+        let slots = Arc::new(OnceLock::new());
         let (failed_tx, failed_rx) = oneshot::channel();
         let worker = Worker {
             options,
@@ -74,6 +79,7 @@ impl LocalEngine {
             max_model_len,
             preparer: Arc::clone(&preparer),
             ready: Arc::clone(&ready),
+            slots: Arc::clone(&slots),
         };
         std::thread::Builder::new()
             .name("vlm-engine".into())
@@ -90,9 +96,18 @@ impl LocalEngine {
                 preparer,
                 ready,
                 info,
+                slots,
             }),
             failed_rx,
         ))
+    }
+}
+
+impl LocalEngine {
+    /// State-pool slots in use (`None` until the model is loaded). A slot is
+    /// held from admission until the request finishes or is cancelled.
+    pub fn slot_usage(&self) -> Option<SlotUsage> {
+        self.slots.get().map(SlotMonitor::usage)
     }
 }
 
@@ -148,6 +163,7 @@ struct Worker {
     max_model_len: usize,
     preparer: Arc<OnceLock<Preparer>>,
     ready: Arc<AtomicBool>,
+    slots: Arc<OnceLock<SlotMonitor>>,
 }
 
 impl Worker {
@@ -180,6 +196,11 @@ impl Worker {
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );
+        // Measured before anything but the weights takes device memory.
+        let budget = self
+            .options
+            .state_memory
+            .or_else(|| device_state_budget(&self.options.device));
         warm_up(&model)?;
         let preparer = Preparer {
             tokenizer: Arc::clone(&tokenizer),
@@ -191,24 +212,46 @@ impl Worker {
         };
         let _ = self.preparer.set(preparer);
         let state_cost = StateCost::of(&cfg.llm_config, self.options.dtype.size_in_bytes());
+        let max_num_seqs = self.options.max_num_seqs.max(1);
+        let slots = pool_slots(max_num_seqs, budget, state_cost);
+        let kv_budget = budget.map(|b| b.saturating_sub(slots * state_cost.fixed));
         tracing::info!(
             fixed_bytes = state_cost.fixed,
             kv_bytes_per_token = state_cost.per_token,
-            budget = ?self.options.state_memory,
-            "per-sequence state"
+            budget = ?budget,
+            slots,
+            kv_budget = ?kv_budget,
+            "sequence state"
         );
+        if slots < max_num_seqs {
+            tracing::warn!(
+                slots,
+                max_num_seqs,
+                "the state budget holds fewer Mamba states than --max-num-seqs"
+            );
+        }
+        if let Some(kv) = kv_budget
+            && kv < state_cost.fixed
+        {
+            tracing::warn!(
+                kv_tokens = kv / state_cost.per_token.max(1),
+                "little room for KV caches beside the state pool; lower --max-num-seqs for more"
+            );
+        }
         let scheduler = Scheduler::new(
             model,
             tokenizer,
             SchedulerConfig {
-                max_num_seqs: self.options.max_num_seqs.max(1),
+                max_num_seqs: slots,
                 prefill_chunk: self.options.prefill_chunk.max(1),
                 max_vision_tiles: 4 * (self.options.max_tiles + 1),
                 eos_token_ids: self.config.eos_token_ids.clone(),
-                state_budget: self.options.state_memory,
+                kv_budget,
                 state_cost,
             },
-        );
+        )
+        .context("allocating the state pool")?;
+        let _ = self.slots.set(scheduler.slot_monitor());
         self.ready.store(true, Ordering::Release);
         tracing::info!(seconds = started.elapsed().as_secs_f32(), "ready to serve");
         scheduler.run(jobs);
@@ -223,10 +266,17 @@ fn warm_up(model: &NemotronVl) -> Result<()> {
     let tile = Tensor::zeros((1, 3, s, s), DType::F32, model.device())?;
     model.encode_images(&tile).context("warm-up: vision")?;
     let embeds = model.embed_prompt(&[10, 11], None)?;
-    let mut state = model.llm.new_state()?;
+    let pool = model.llm.new_pool(1)?;
+    let mut state = pool.acquire(None)?.context("warm-up: no state slot")?;
     model
         .llm
-        .forward(&embeds, &[2], &mut [&mut state], LogitsFor::LastToken)
+        .forward(
+            &embeds,
+            &[2],
+            &pool,
+            &mut [&mut state],
+            LogitsFor::LastToken,
+        )
         .context("warm-up: language model")?;
     Ok(())
 }

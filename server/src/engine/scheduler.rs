@@ -3,10 +3,12 @@
 //! Each step runs ONE packed forward pass over every running sequence: one
 //! token for each sequence in decode, plus a chunk of the prompt of at most
 //! one sequence in prefill, so a long image prompt delays running decodes by
-//! at most one chunk. Every sequence has its own recurrent state and KV cache
-//! ([`SequenceState`]), held from admission to finish and dropped at once when
-//! the request ends or its client goes away. The vision encoder runs once per
-//! admission round over the tiles of every newly admitted request.
+//! at most one chunk. The Mamba states of all sequences live in one
+//! [`StatePool`] allocated when the scheduler starts, one slot per running
+//! sequence; a sequence holds its slot (and its own KV caches) from admission
+//! to finish, and gives it back the moment the request ends or its client goes
+//! away. The vision encoder runs once per admission round over the tiles of
+//! every newly admitted request.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,22 +24,22 @@ use super::stop::StopMatcher;
 use super::{EngineError, FinishReason, GenerationEvent, Usage};
 use crate::api::metrics::{QUEUE_DEPTH, RUNNING_SEQUENCES, TILES};
 use crate::model::nemotron_h::LogitsFor;
-use crate::model::state::SequenceState;
+use crate::model::state::{SequenceState, SlotMonitor, StatePool};
 use crate::model::vlm::NemotronVl;
 use crate::prompt::{PromptTokenizer, StreamDecoder};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
-    /// Sequences generated at once (each holds one state slot).
+    /// Sequences generated at once: the state pool's slots.
     pub max_num_seqs: usize,
     /// Prompt tokens prefilled per step.
     pub prefill_chunk: usize,
     /// Tiles per vision forward pass (bounds activation memory).
     pub max_vision_tiles: usize,
     pub eos_token_ids: Vec<u32>,
-    /// Bytes of per-sequence state (Mamba states + KV caches) that running
-    /// sequences may reserve together; `None`: only `max_num_seqs` limits.
-    pub state_budget: Option<usize>,
+    /// Bytes of KV cache that running sequences may reserve together (the
+    /// state budget less the pool); `None`: only `max_num_seqs` limits.
+    pub kv_budget: Option<usize>,
     pub state_cost: StateCost,
 }
 
@@ -62,7 +64,7 @@ struct Sequence {
     decoder: StreamDecoder,
     stops: StopMatcher,
     ignore_eos: bool,
-    /// State bytes reserved at admission, released when the sequence ends.
+    /// KV-cache bytes reserved at admission, released when the sequence ends.
     reserved: usize,
 }
 
@@ -76,23 +78,33 @@ pub struct Scheduler {
     model: Arc<NemotronVl>,
     tokenizer: Arc<PromptTokenizer>,
     config: SchedulerConfig,
+    /// Mamba states of the running sequences, one slot each.
+    pool: StatePool,
     running: Vec<Sequence>,
     waiting: VecDeque<Job>,
 }
 
 impl Scheduler {
+    /// Allocates the state pool: `config.max_num_seqs` slots.
     pub fn new(
         model: Arc<NemotronVl>,
         tokenizer: Arc<PromptTokenizer>,
         config: SchedulerConfig,
-    ) -> Self {
-        Scheduler {
+    ) -> candle_core::Result<Self> {
+        let pool = model.llm.new_pool(config.max_num_seqs.max(1))?;
+        Ok(Scheduler {
             model,
             tokenizer,
             config,
+            pool,
             running: Vec::new(),
             waiting: VecDeque::new(),
-        }
+        })
+    }
+
+    /// Watches the state pool's slots from other threads.
+    pub fn slot_monitor(&self) -> SlotMonitor {
+        self.pool.monitor()
     }
 
     /// Serve jobs until the queue's senders are all gone and the work is done.
@@ -112,6 +124,7 @@ impl Scheduler {
                     Err(_) => break,
                 }
             }
+            self.drop_cancelled();
             self.admit();
             metrics::gauge!(QUEUE_DEPTH).set((queue.len() + self.waiting.len()) as f64);
             metrics::gauge!(RUNNING_SEQUENCES).set(self.running.len() as f64);
@@ -126,7 +139,8 @@ impl Scheduler {
     fn admit(&mut self) {
         let mut admitted = Vec::new();
         let mut reserved: usize = self.running.iter().map(|s| s.reserved).sum();
-        while self.running.len() + admitted.len() < self.config.max_num_seqs {
+        let slots = self.pool.capacity().min(self.config.max_num_seqs);
+        while self.running.len() + admitted.len() < slots {
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
@@ -134,7 +148,7 @@ impl Scheduler {
                 continue;
             }
             let need = self.reservation(&job.request);
-            if let Some(budget) = self.config.state_budget {
+            if let Some(budget) = self.config.kv_budget {
                 let alone = self.running.is_empty() && admitted.is_empty();
                 // A request bigger than the whole budget still runs, alone.
                 if reserved + need > budget && !alone {
@@ -216,9 +230,7 @@ impl Scheduler {
     }
 
     fn reservation(&self, request: &PreparedRequest) -> usize {
-        self.config
-            .state_cost
-            .for_tokens(request.prompt_ids.len() + request.max_tokens)
+        self.config.state_cost.kv_for_tokens(max_len(request))
     }
 
     fn start_sequence(&self, job: &Job, images: Option<Tensor>) -> Result<Sequence, EngineError> {
@@ -227,9 +239,15 @@ impl Scheduler {
             .model
             .embed_prompt(&request.prompt_ids, images.as_ref())
             .map_err(|e| EngineError::Internal(format!("{e:#}")))?;
+        // A slot is free: admission keeps the running sequences under the pool's size.
+        let state = self
+            .pool
+            .acquire(Some(max_len(request)))
+            .map_err(internal)?
+            .ok_or_else(|| internal("no free state slot"))?;
         Ok(Sequence {
             events: job.events.clone(),
-            state: self.model.llm.new_state().map_err(internal)?,
+            state,
             pending: Some(embeds),
             prompt_len: request.prompt_ids.len(),
             next_input: None,
@@ -243,10 +261,14 @@ impl Scheduler {
         })
     }
 
+    /// Sequences whose client went away give their slot back before any compute.
+    fn drop_cancelled(&mut self) {
+        self.running.retain(|s| !s.events.is_closed());
+    }
+
     /// One packed forward pass, then sampling for every sequence that produced logits.
     fn step(&mut self) {
-        // A client that went away frees its slot before any compute.
-        self.running.retain(|s| !s.events.is_closed());
+        self.drop_cancelled();
         if self.running.is_empty() {
             return;
         }
@@ -371,8 +393,14 @@ impl Scheduler {
             .filter(|(_, w)| w.is_some())
             .map(|(s, _)| &mut s.state)
             .collect();
-        llm.forward(&packed, &seq_lens, &mut states, LogitsFor::LastToken)
-            .map_err(internal)
+        llm.forward(
+            &packed,
+            &seq_lens,
+            &self.pool,
+            &mut states,
+            LogitsFor::LastToken,
+        )
+        .map_err(internal)
     }
 
     /// Record a sampled token; returns true when the sequence is finished.
@@ -424,6 +452,11 @@ impl Scheduler {
         });
         true
     }
+}
+
+/// The most tokens a request's sequence can reach: what its KV caches may hold.
+fn max_len(request: &PreparedRequest) -> usize {
+    request.prompt_ids.len() + request.max_tokens
 }
 
 fn send(events: &mpsc::Sender<GenerationEvent>, text: String) {

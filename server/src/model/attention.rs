@@ -1,11 +1,11 @@
 //! NemotronH attention mixer (model.md §2.4): GQA, causal, no positional encoding,
 //! scale 1/sqrt(head_dim), softmax in f32, with a per-sequence KV cache.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::NemotronHConfig;
-use super::linear::Linear;
+use super::linear::{Linear, OutPtr, par_ranges};
 use super::state::{KvCache, cat_rows};
 
 #[derive(Debug, Clone)]
@@ -18,6 +18,8 @@ pub struct Attention {
     num_kv_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// Use [`Attention::decode_cpu`] for all-decode batches on CPU (tests turn it off).
+    fused_cpu_decode: bool,
 }
 
 impl Attention {
@@ -38,6 +40,7 @@ impl Attention {
             num_kv_heads: nkv,
             head_dim: hd,
             scale: 1.0 / (hd as f64).sqrt(),
+            fused_cpu_decode: true,
         })
     }
 
@@ -55,6 +58,14 @@ impl Attention {
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
+        if self.fused_cpu_decode
+            && x.device().is_cpu()
+            && q.dtype() == DType::F32
+            && seq_lens.iter().all(|&l| l == 1)
+        {
+            let out = self.decode_cpu(&q, &k, &v, caches)?;
+            return self.o_proj.forward(&out);
+        }
         let mut outs = Vec::with_capacity(seq_lens.len());
         let mut start = 0;
         for (&len, cache) in seq_lens.iter().zip(caches.iter_mut()) {
@@ -99,6 +110,147 @@ impl Attention {
         }
         let out = cat_rows(outs)?;
         self.o_proj.forward(&out)
+    }
+
+    /// One token for each of B sequences on CPU: `q` [B, heads·hd], `k`/`v` [B, kv·hd] f32.
+    /// Appends each token's K/V to its cache, then one pass over the sequences (in
+    /// parallel) attends each query to its cache: the per-sequence path needs ~10 candle
+    /// ops per sequence, whose dispatch costs more than the math at decode sizes.
+    /// Returns [B, heads·hd] f32.
+    fn decode_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let bsz = caches.len();
+        let mut kv_all = Vec::with_capacity(bsz);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let one = |t: &Tensor| t.narrow(0, i, 1)?.reshape((nkv, 1, hd));
+            kv_all.push(cache.append(&one(k)?, &one(v)?)?); // [kv, L, hd] views
+        }
+        let q = q.contiguous()?;
+        let (qg, ql) = q.storage_and_layout();
+        let qv = cpu_f32(&qg)?;
+        let qv = &qv[ql.start_offset()..ql.start_offset() + bsz * nh * hd];
+        // Every cache's data, its first element and its per-head stride.
+        let guards = kv_all
+            .iter()
+            .map(|(k, v)| {
+                let (kg, kl) = k.storage_and_layout();
+                let (vg, vl) = v.storage_and_layout();
+                let ok = |s: &[usize]| s[1] == hd && s[2] == 1;
+                if !ok(kl.stride()) || !ok(vl.stride()) {
+                    candle_core::bail!("attention decode: unexpected KV cache layout");
+                }
+                Ok((
+                    kg,
+                    kl.start_offset(),
+                    kl.stride()[0],
+                    vg,
+                    vl.start_offset(),
+                    vl.stride()[0],
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let views = guards
+            .iter()
+            .zip(&kv_all)
+            .map(|((kg, k0, ks, vg, v0, vs), (k_all, _))| {
+                Ok(CacheView {
+                    k: &cpu_f32(kg)?[*k0..],
+                    v: &cpu_f32(vg)?[*v0..],
+                    k_head_stride: *ks,
+                    v_head_stride: *vs,
+                    len: k_all.dim(1)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = vec![0f32; bsz * nh * hd];
+        let out_p = OutPtr(out.as_mut_ptr());
+        let (scale, rep) = (self.scale as f32, nh / nkv);
+        let work: usize = views.iter().map(|c| c.len * nh * hd * 2).sum();
+        par_ranges(bsz, work, |seqs| {
+            let mut scores = Vec::new();
+            for i in seqs {
+                // SAFETY: sequence i's output row is written by this worker only.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_p.at(i * nh * hd), nh * hd) };
+                let c = &views[i];
+                for h in 0..nh {
+                    let g = h / rep;
+                    let kh = &c.k[g * c.k_head_stride..g * c.k_head_stride + c.len * hd];
+                    let vh = &c.v[g * c.v_head_stride..g * c.v_head_stride + c.len * hd];
+                    let qh = &qv[(i * nh + h) * hd..(i * nh + h + 1) * hd];
+                    attend_row(qh, kh, vh, scale, &mut scores, &mut o[h * hd..(h + 1) * hd]);
+                }
+            }
+        });
+        drop(views);
+        drop(guards);
+        drop(qg);
+        Tensor::from_vec(out, (bsz, nh * hd), q.device())
+    }
+}
+
+/// One sequence's K/V of one layer as borrowed data: head g's `len` rows of `hd` values
+/// start at `g * head_stride`.
+struct CacheView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    k_head_stride: usize,
+    v_head_stride: usize,
+    len: usize,
+}
+
+/// One query head against its keys: `q` [hd], `k`/`v` [L, hd] row-major. Writes
+/// softmax(q·kᵀ·scale)·v into `out` [hd]; `scores` is scratch space.
+pub(crate) fn attend_row(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    scores.clear();
+    scores.extend(k.chunks_exact(hd).map(|kr| dot(kr, q) * scale));
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (p, vr) in scores.iter().zip(v.chunks_exact(hd)) {
+        let p = p / sum;
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o += p * x;
+        }
+    }
+}
+
+/// Σ a·b with independent lane accumulators, so the loop vectorizes.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for j in 0..L {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
+}
+
+fn cpu_f32(s: &Storage) -> Result<&[f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+        _ => candle_core::bail!("attention decode: expected CPU f32 data"),
     }
 }
 
@@ -199,6 +351,43 @@ mod tests {
         let inc = Tensor::cat(&parts, 0)?;
         assert!(max_abs(&inc, &full)? < 1e-5);
         assert_eq!(c.len(), t);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_cpu_decode_matches_the_per_sequence_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg: NemotronHConfig = serde_json::from_str(
+            r#"{"hidden_size": 32, "intermediate_size": 8, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 8, "mamba_num_heads": 1,
+                "mamba_head_dim": 1, "ssm_state_size": 1}"#,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let vm = VarMap::new();
+        let fused = Attention::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        let mut generic = fused.clone();
+        generic.fused_cpu_decode = false;
+        // Three sequences with different cached lengths (one past a capacity doubling).
+        let mut caches: Vec<KvCache> = Vec::new();
+        for len in [1, 17, 5] {
+            let mut c = KvCache::new();
+            generic.forward(
+                &Tensor::randn(0f32, 1.0, (len, 32), &dev)?,
+                &[len],
+                &mut [&mut c],
+            )?;
+            caches.push(c);
+        }
+        let mut copies = caches.clone();
+        for _ in 0..3 {
+            let x = Tensor::randn(0f32, 1.0, (3, 32), &dev)?;
+            let mut a: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let mut b: Vec<&mut KvCache> = copies.iter_mut().collect();
+            let yf = fused.forward(&x, &[1, 1, 1], &mut a)?;
+            let yg = generic.forward(&x, &[1, 1, 1], &mut b)?;
+            assert!(max_abs(&yf, &yg)? < 1e-5);
+        }
+        assert_eq!(caches[1].len(), 20);
         Ok(())
     }
 

@@ -7,9 +7,11 @@ use candle_nn::VarBuilder;
 
 use super::config::NemotronHConfig;
 use super::linear::Linear;
-use super::linear::{OutPtr, par_ranges};
 use super::norm::GatedRmsNorm;
-use super::state::{MambaState, cat_rows};
+use super::state::{MambaPool, MambaState, cat_rows};
+
+/// CPU kernels, including the per-row decode math other backends can check against.
+pub(crate) mod cpu;
 
 #[derive(Debug, Clone)]
 pub struct Mamba2 {
@@ -32,7 +34,7 @@ pub struct Mamba2 {
     mask: Tensor,
     dims: MambaDims,
     dt_limit: (f64, f64),
-    /// Use [`Mamba2::decode_cpu`] for all-decode batches on CPU (tests turn it off).
+    /// Use the fused CPU decode step ([`cpu::decode`]) on CPU (tests turn it off).
     fused_cpu_decode: bool,
 }
 
@@ -116,65 +118,47 @@ impl Mamba2 {
         self.dims
     }
 
-    pub fn zero_state(&self, dev: &Device) -> Result<MambaState> {
-        let d = self.dims;
-        MambaState::zeros(
-            d.conv_kernel,
-            d.conv_dim(),
-            d.heads,
-            d.head_dim,
-            d.state,
-            dev,
-        )
+    /// `x`: [T, hidden] (normalized block input), the sequences of `batch` packed back to
+    /// back; their states are rows of `pool` (updated in place). Returns [T, hidden].
+    pub fn forward(&self, x: &Tensor, batch: &MambaBatch, pool: &MambaPool) -> Result<Tensor> {
+        let proj = self.in_proj.forward(x)?; // [T, di + cd + H]
+        let y = match &batch.decode {
+            DecodeRows::All => self.decode_step(&proj, pool, &batch.slots_t)?,
+            mixed => {
+                let y_dec = match mixed {
+                    DecodeRows::Some { rows, slots } => {
+                        Some(self.decode_step(&proj.index_select(rows, 0)?, pool, slots)?)
+                    }
+                    _ => None,
+                };
+                let (mut parts, mut start, mut j) = (Vec::new(), 0, 0);
+                for (&len, &slot) in batch.seq_lens.iter().zip(&batch.slots) {
+                    if len == 1
+                        && let Some(y_dec) = &y_dec
+                    {
+                        parts.push(y_dec.narrow(0, j, 1)?);
+                        j += 1;
+                    } else {
+                        parts.push(self.prefill(&proj.narrow(0, start, len)?, pool, slot)?);
+                    }
+                    start += len;
+                }
+                cat_rows(parts)?
+            }
+        }; // [T, di] f32
+        self.out_proj.forward(&y.to_dtype(x.dtype())?)
     }
 
-    /// `x`: [T, hidden] (normalized block input), sequences packed back to back;
-    /// `states[i]` is sequence i's state for this layer (updated). Returns [T, hidden].
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        seq_lens: &[usize],
-        states: &mut [&mut MambaState],
-    ) -> Result<Tensor> {
-        let d = self.dims;
-        let (di, cd) = (d.d_inner(), d.conv_dim());
-        let proj = self.in_proj.forward(x)?; // [T, di + cd + H]
-        if self.fused_cpu_decode
-            && seq_lens.iter().all(|&l| l == 1)
-            && proj.device().is_cpu()
-            && proj.dtype() == DType::F32
-        {
-            // Decode on CPU: conv, SSM step and gated norm in one pass per sequence.
-            let y = self.decode_cpu(&proj, states)?;
-            return self.out_proj.forward(&y);
+    /// The decode step of B sequences of one token each — the per-layer entry a device
+    /// backend replaces. `proj`: [B, di + cd + H] in_proj output (model dtype), `slots`: [B]
+    /// u32 pool rows (distinct). Advances each slot's conv window and SSM state in place and
+    /// returns y [B, di] f32 after the gated RMSNorm (out_proj not applied).
+    pub fn decode_step(&self, proj: &Tensor, pool: &MambaPool, slots: &Tensor) -> Result<Tensor> {
+        if self.fused_cpu_decode && proj.device().is_cpu() && proj.dtype() == DType::F32 {
+            cpu::decode(self, proj, pool, slots)
+        } else {
+            self.decode_generic(proj, pool, slots)
         }
-        let z = proj.narrow(1, 0, di)?;
-        let xbc = proj.narrow(1, di, cd)?.to_dtype(DType::F32)?;
-        let dt = self.dt(&proj.narrow(1, di + cd, d.heads)?)?; // [T, H] f32
-
-        let y = if seq_lens.iter().all(|&l| l == 1) {
-            self.decode(&xbc, &dt, states)?
-        } else {
-            let mut ys = Vec::with_capacity(seq_lens.len());
-            let mut start = 0;
-            for (&len, st) in seq_lens.iter().zip(states.iter_mut()) {
-                let xbc_s = xbc.narrow(0, start, len)?;
-                let dt_s = dt.narrow(0, start, len)?;
-                ys.push(if len == 1 {
-                    self.decode(&xbc_s, &dt_s, std::slice::from_mut(st))?
-                } else {
-                    self.prefill(&xbc_s, &dt_s, st)?
-                });
-                start += len;
-            }
-            cat_rows(ys)?
-        }; // [T, di] f32
-        let y = if y.device().is_cpu() && z.dtype() == DType::F32 {
-            gated_norm_cpu(&y, &z, &self.norm)?
-        } else {
-            self.norm.forward(&y, &z)?
-        };
-        self.out_proj.forward(&y.to_dtype(x.dtype())?)
     }
 
     /// dt = softplus(dt_raw + dt_bias), clamped only to a non-trivial time_step_limit.
@@ -189,40 +173,55 @@ impl Mamba2 {
         }
     }
 
-    /// One sequence, several tokens. `xbc`: [L, conv_dim] f32, `dt`: [L, H]. Returns y [L, di].
-    fn prefill(&self, xbc: &Tensor, dt: &Tensor, st: &mut MambaState) -> Result<Tensor> {
-        let d = self.dims;
-        let l = xbc.dim(0)?;
-        let (xbc, conv) = if xbc.device().is_cpu() {
-            conv1d_silu_cpu(xbc, &st.conv, &self.conv_w, self.conv_b.as_ref())?
-        } else {
-            let (y, conv) = causal_conv1d(xbc, &st.conv, &self.conv_w, self.conv_b.as_ref())?;
-            (candle_nn::ops::silu(&y)?, conv)
-        };
-        st.conv = conv;
-        let (x, b, c) = split_xbc(&xbc, d)?; // [L,H,P], [L,G,N], [L,G,N]
-        let (y, ssm) = ssd_chunked(
-            &x, &b, &c, dt, &self.a, &st.ssm, d.chunk, &self.triu, &self.mask,
-        )?;
-        st.ssm = ssm;
-        let y = (y + x.broadcast_mul(&self.d)?)?; // D skip
-        y.reshape((l, d.d_inner()))
+    /// (z, xBC f32, dt f32) of in_proj output rows.
+    fn split_proj(&self, proj: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (di, cd) = (self.dims.d_inner(), self.dims.conv_dim());
+        Ok((
+            proj.narrow(1, 0, di)?,
+            proj.narrow(1, di, cd)?.to_dtype(DType::F32)?,
+            self.dt(&proj.narrow(1, di + cd, self.dims.heads)?)?,
+        ))
     }
 
-    /// One token for each of B sequences. `xbc`: [B, conv_dim] f32, `dt`: [B, H].
-    /// The states are stacked so the recurrence runs once for the batch. Returns y [B, di].
-    fn decode(&self, xbc: &Tensor, dt: &Tensor, states: &mut [&mut MambaState]) -> Result<Tensor> {
+    /// Gated RMSNorm of y [T, di] f32 with z [T, di].
+    fn gated_norm(&self, y: &Tensor, z: &Tensor) -> Result<Tensor> {
+        if y.device().is_cpu() && z.dtype() == DType::F32 {
+            cpu::gated_norm_cpu(y, z, &self.norm)
+        } else {
+            self.norm.forward(y, z)
+        }
+    }
+
+    /// One sequence, several tokens: `proj` [L, di + cd + H]. Its state is copied out of
+    /// `slot`, run through the chunked scan and written back. Returns y [L, di] f32.
+    fn prefill(&self, proj: &Tensor, pool: &MambaPool, slot: u32) -> Result<Tensor> {
         let d = self.dims;
-        let bsz = states.len();
-        let stack = |f: &dyn Fn(&MambaState) -> &Tensor| -> Result<Tensor> {
-            if bsz == 1 {
-                f(states[0]).unsqueeze(0)
-            } else {
-                Tensor::stack(&states.iter().map(|s| f(s)).collect::<Vec<_>>(), 0)
-            }
+        let l = proj.dim(0)?;
+        let (z, xbc, dt) = self.split_proj(proj)?;
+        let st = pool.read(slot as usize)?;
+        let (xbc, conv) = if xbc.device().is_cpu() {
+            cpu::conv1d_silu_cpu(&xbc, &st.conv, &self.conv_w, self.conv_b.as_ref())?
+        } else {
+            let (y, conv) = causal_conv1d(&xbc, &st.conv, &self.conv_w, self.conv_b.as_ref())?;
+            (candle_nn::ops::silu(&y)?, conv)
         };
-        let conv = stack(&|s| &s.conv)?; // [B, K-1, cd]
-        let ssm = stack(&|s| &s.ssm)?; // [B, H, P, N]
+        let (x, b, c) = split_xbc(&xbc, d)?; // [L,H,P], [L,G,N], [L,G,N]
+        let (y, ssm) = ssd_chunked(
+            &x, &b, &c, &dt, &self.a, &st.ssm, d.chunk, &self.triu, &self.mask,
+        )?;
+        pool.write(slot as usize, &MambaState { conv, ssm })?;
+        let y = (y + x.broadcast_mul(&self.d)?)?; // D skip
+        self.gated_norm(&y.reshape((l, d.d_inner()))?, &z)
+    }
+
+    /// [`Mamba2::decode_step`] with candle ops on any device: gather the slots' states,
+    /// run the recurrence once for the batch, scatter the new states back in place.
+    fn decode_generic(&self, proj: &Tensor, pool: &MambaPool, slots: &Tensor) -> Result<Tensor> {
+        let d = self.dims;
+        let bsz = slots.dim(0)?;
+        let (z, xbc, dt) = self.split_proj(proj)?;
+        let conv = pool.conv.index_select(slots, 0)?; // [B, K-1, cd]
+        let ssm = pool.ssm.index_select(slots, 0)?; // [B, H, P, N]
         // Conv over the window [B, K, cd]: K multiply-adds along the window axis.
         let window = Tensor::cat(&[&conv, &xbc.unsqueeze(1)?], 1)?;
         let mut xc = window.broadcast_mul(&self.conv_w)?.sum(1)?;
@@ -231,326 +230,85 @@ impl Mamba2 {
         }
         let xc = candle_nn::ops::silu(&xc)?;
         let (x, b, c) = split_xbc(&xc, d)?;
-        let (y, ssm) = ssm_step(&x, &b, &c, dt, &self.a, &ssm)?;
+        let (y, ssm) = ssm_step(&x, &b, &c, &dt, &self.a, &ssm)?;
         let y = (y + x.broadcast_mul(&self.d)?)?;
-        let new_conv = window.narrow(1, 1, d.conv_kernel - 1)?;
-        for (i, st) in states.iter_mut().enumerate() {
-            st.conv = new_conv.get(i)?;
-            st.ssm = ssm.get(i)?;
-        }
-        y.reshape((bsz, d.d_inner()))
+        scatter_rows(&pool.conv, slots, &window.narrow(1, 1, d.conv_kernel - 1)?)?;
+        scatter_rows(&pool.ssm, slots, &ssm)?;
+        self.gated_norm(&y.reshape((bsz, d.d_inner()))?, &z)
     }
 }
 
-impl Mamba2 {
-    /// CPU decode step for B sequences of one token: `proj` [B, di + cd + H] f32 (in_proj
-    /// output). Does conv + SiLU, dt, the SSM recurrence with D skip and the gated RMSNorm in
-    /// one pass over each sequence's state (the generic path needs ~30 candle ops per layer,
-    /// whose dispatch costs more than the math at decode sizes). Sequences run in parallel.
-    /// Returns [B, di] f32; the new states are rows of shared [B, ...] buffers.
-    fn decode_cpu(&self, proj: &Tensor, states: &mut [&mut MambaState]) -> Result<Tensor> {
-        let d = self.dims;
-        let (di, cd, nh, p, n, k) = (
-            d.d_inner(),
-            d.conv_dim(),
-            d.heads,
-            d.head_dim,
-            d.state,
-            d.conv_kernel,
-        );
-        let (gn, hg) = (d.groups * n, nh / d.groups);
-        let (bsz, dp) = (states.len(), di + cd + nh);
-        let (conv_len, ssm_len) = ((k - 1) * cd, nh * p * n);
-        let proj = proj.contiguous()?;
-        let proj_v = CpuF32::new(&proj)?;
-        let proj_v = proj_v.slice()?;
-        if proj_v.len() != bsz * dp {
+/// `pool[slots[i]] = rows[i]` in place, for a contiguous pool [S, ...] and rows [B, ...].
+/// candle's scatter takes one index per element, so this materializes a [B, row] u32 index
+/// (as large as the rows themselves): fine for the generic path, which a device kernel that
+/// updates the slots in place replaces.
+fn scatter_rows(pool: &Tensor, slots: &Tensor, rows: &Tensor) -> Result<()> {
+    let (s, b) = (pool.dim(0)?, slots.dim(0)?);
+    let row = pool.elem_count() / s;
+    // scatter_set wants one index per element (contiguous), the slot repeated along the row.
+    let index = slots
+        .reshape((b, 1))?
+        .broadcast_as((b, row))?
+        .contiguous()?;
+    pool.reshape((s, row))?
+        .scatter_set(&index, &rows.contiguous()?.reshape((b, row))?, 0)
+}
+
+/// Which packed rows are decode steps (one token) in a forward pass.
+#[derive(Debug)]
+enum DecodeRows {
+    /// Every sequence decodes: the whole batch is one decode step.
+    All,
+    /// No sequence decodes.
+    None,
+    /// Some do: their packed rows [D] u32 and slots [D] u32 on the device.
+    Some { rows: Tensor, slots: Tensor },
+}
+
+/// The packed batch as the Mamba layers see it, built once per forward pass.
+#[derive(Debug)]
+pub struct MambaBatch {
+    seq_lens: Vec<usize>,
+    slots: Vec<u32>,
+    /// `slots` on the device, [B] u32.
+    slots_t: Tensor,
+    decode: DecodeRows,
+}
+
+impl MambaBatch {
+    /// Sequence i has `seq_lens[i]` packed tokens and its state in pool row `slots[i]`.
+    pub fn new(seq_lens: &[usize], slots: &[u32], dev: &Device) -> Result<Self> {
+        if seq_lens.len() != slots.len() {
             candle_core::bail!(
-                "mamba decode: in_proj output has {} values, expected {}",
-                proj_v.len(),
-                bsz * dp
+                "{} sequence lengths for {} slots",
+                seq_lens.len(),
+                slots.len()
             );
         }
-        let conv_w = CpuF32::new(&self.conv_w)?; // [K, cd]
-        let conv_w = conv_w.slice()?;
-        let conv_b = self.conv_b.as_ref().map(CpuF32::new).transpose()?;
-        let conv_b = conv_b.as_ref().map(|b| b.slice()).transpose()?;
-        let (dt_bias, a, dskip) = (
-            CpuF32::new(&self.dt_bias)?,
-            CpuF32::new(&self.a)?,
-            CpuF32::new(&self.d)?,
-        );
-        let (dt_bias, a, dskip) = (dt_bias.slice()?, a.slice()?, dskip.slice()?);
-        let norm_w = CpuF32::new(self.norm.weight())?;
-        let norm_w = norm_w.slice()?;
-        let (gs, eps) = (self.norm.group_size(), self.norm.eps());
-        let (lo, hi) = (self.dt_limit.0 as f32, self.dt_limit.1 as f32);
-
-        // Borrow every sequence's old state (the guards stay on this thread).
-        let conv_ts = states
-            .iter()
-            .map(|s| s.conv.contiguous())
-            .collect::<Result<Vec<_>>>()?;
-        let ssm_ts = states
-            .iter()
-            .map(|s| s.ssm.contiguous())
-            .collect::<Result<Vec<_>>>()?;
-        let conv_vs = conv_ts
-            .iter()
-            .map(CpuF32::new)
-            .collect::<Result<Vec<_>>>()?;
-        let ssm_vs = ssm_ts.iter().map(CpuF32::new).collect::<Result<Vec<_>>>()?;
-        let conv_old = conv_vs
-            .iter()
-            .map(|v| v.slice())
-            .collect::<Result<Vec<_>>>()?;
-        let ssm_old = ssm_vs
-            .iter()
-            .map(|v| v.slice())
-            .collect::<Result<Vec<_>>>()?;
-        if conv_old.iter().any(|c| c.len() != conv_len)
-            || ssm_old.iter().any(|s| s.len() != ssm_len)
-        {
-            candle_core::bail!("mamba decode: a sequence state has the wrong size");
-        }
-
-        let mut out = vec![0f32; bsz * di];
-        let mut conv_new = vec![0f32; bsz * conv_len];
-        let mut ssm_new = vec![0f32; bsz * ssm_len];
-        let (out_p, conv_p, ssm_p) = (
-            OutPtr(out.as_mut_ptr()),
-            OutPtr(conv_new.as_mut_ptr()),
-            OutPtr(ssm_new.as_mut_ptr()),
-        );
-        par_ranges(bsz, bsz * ssm_len * 3, |seqs| {
-            let mut xc = vec![0f32; cd];
-            for bi in seqs {
-                // SAFETY: sequence bi's rows of the three outputs are written by this worker only.
-                let (y, cs_new, s_new) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(out_p.at(bi * di), di),
-                        std::slice::from_raw_parts_mut(conv_p.at(bi * conv_len), conv_len),
-                        std::slice::from_raw_parts_mut(ssm_p.at(bi * ssm_len), ssm_len),
-                    )
-                };
-                let row = &proj_v[bi * dp..(bi + 1) * dp];
-                let (z, xbc, dt_raw) = (&row[..di], &row[di..di + cd], &row[di + cd..]);
-                let (cs, s_old) = (conv_old[bi], ssm_old[bi]);
-                // Conv over [state rows (oldest first), new input], bias, SiLU.
-                for c in 0..cd {
-                    let mut acc = conv_b.map_or(0.0, |b| b[c]);
-                    for j in 0..k {
-                        let v = if j + 1 < k { cs[j * cd + c] } else { xbc[c] };
-                        acc += conv_w[j * cd + c] * v;
-                    }
-                    xc[c] = silu(acc);
-                }
-                // New conv state: the last K-1 inputs.
-                if k > 1 {
-                    cs_new[..conv_len - cd].copy_from_slice(&cs[cd..]);
-                    cs_new[conv_len - cd..].copy_from_slice(xbc);
-                }
-                let (x, bm, cm) = (&xc[..di], &xc[di..di + gn], &xc[di + gn..]);
-                // SSM step per head: S = exp(dt A) S + dt x ⊗ B_g;  y = S C_g + D x.
-                for h in 0..nh {
-                    let g = h / hg;
-                    let dt = softplus_f32(dt_raw[h] + dt_bias[h]).max(lo).min(hi);
-                    let da = (dt * a[h]).exp();
-                    let (bg, cg) = (&bm[g * n..(g + 1) * n], &cm[g * n..(g + 1) * n]);
-                    for pi in 0..p {
-                        let xv = x[h * p + pi];
-                        let dtx = dt * xv;
-                        let base = (h * p + pi) * n;
-                        let (so, sn) = (&s_old[base..base + n], &mut s_new[base..base + n]);
-                        let mut acc = 0f32;
-                        for j in 0..n {
-                            let v = da * so[j] + dtx * bg[j];
-                            sn[j] = v;
-                            acc += v * cg[j];
-                        }
-                        y[h * p + pi] = acc + dskip[h] * xv;
-                    }
-                }
-                // Gated RMSNorm: g = y·silu(z), normalized per group of `gs`, times the weight.
-                for (gy, gz) in y.chunks_mut(gs).zip(z.chunks(gs)) {
-                    let mut ss = 0f32;
-                    for (v, &zz) in gy.iter_mut().zip(gz) {
-                        *v *= silu(zz);
-                        ss += *v * *v;
-                    }
-                    let r = 1.0 / (ss / gs as f32 + eps).sqrt();
-                    gy.iter_mut().for_each(|v| *v *= r);
-                }
-                for (v, w) in y.iter_mut().zip(norm_w) {
-                    *v *= w;
-                }
+        let (mut rows, mut dec_slots, mut start) = (Vec::new(), Vec::new(), 0u32);
+        for (&len, &slot) in seq_lens.iter().zip(slots) {
+            if len == 1 {
+                rows.push(start);
+                dec_slots.push(slot);
             }
-        });
-        let dev = proj.device();
-        let conv_all = Tensor::from_vec(conv_new, (bsz, k - 1, cd), dev)?;
-        let ssm_all = Tensor::from_vec(ssm_new, (bsz, nh, p, n), dev)?;
-        for (bi, st) in states.iter_mut().enumerate() {
-            st.conv = conv_all.get(bi)?;
-            st.ssm = ssm_all.get(bi)?;
+            start += len as u32;
         }
-        Tensor::from_vec(out, (bsz, di), dev)
-    }
-}
-
-/// Row-major f32 data of a 2-D CPU tensor whose rows may be strided (e.g. a column slice of
-/// the in_proj output): (data from the first element, row stride).
-fn rows_f32(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize, usize)> {
-    let (guard, layout) = t.storage_and_layout();
-    let stride = layout.stride();
-    if t.rank() != 2 || (stride[1] != 1 && t.dim(1)? > 1) {
-        candle_core::bail!("expected a 2-D tensor with unit column stride, got {layout:?}");
-    }
-    Ok((guard, layout.start_offset(), stride[0]))
-}
-
-fn storage_f32(guard: &candle_core::Storage) -> Result<&[f32]> {
-    match guard {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Ok(v),
-        _ => candle_core::bail!("expected CPU f32 data"),
-    }
-}
-
-/// CPU causal depthwise conv + bias + SiLU in one pass (same math as [`causal_conv1d`]
-/// followed by SiLU). `x`: [L, C] f32 (rows may be strided), `state`: [K−1, C].
-/// Returns (SiLU(conv) [L, C], new state [K−1, C]).
-fn conv1d_silu_cpu(
-    x: &Tensor,
-    state: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
-    let (l, c) = x.dims2()?;
-    let k = w.dim(0)?;
-    let state = state.contiguous()?;
-    let (xg, x0, xs) = rows_f32(x)?;
-    let xv = storage_f32(&xg)?;
-    let sv = CpuF32::new(&state)?;
-    let sv = sv.slice()?;
-    let wv = CpuF32::new(w)?;
-    let wv = wv.slice()?;
-    let bv = b.map(CpuF32::new).transpose()?;
-    let bv = bv.as_ref().map(|b| b.slice()).transpose()?;
-    // Row i of the padded input [state; x], i in 0..K-1+L.
-    let row = |i: usize| -> &[f32] {
-        if i + 1 < k {
-            &sv[i * c..(i + 1) * c]
+        let decode = if rows.len() == seq_lens.len() {
+            DecodeRows::All
+        } else if rows.is_empty() {
+            DecodeRows::None
         } else {
-            &xv[x0 + (i + 1 - k) * xs..x0 + (i + 1 - k) * xs + c]
-        }
-    };
-    let mut out = vec![0f32; l * c];
-    let outp = OutPtr(out.as_mut_ptr());
-    par_ranges(l, l * c * k, |rows| {
-        for t in rows {
-            // SAFETY: row t of `out` is written by this worker only.
-            let o = unsafe { std::slice::from_raw_parts_mut(outp.at(t * c), c) };
-            match bv {
-                Some(bv) => o.copy_from_slice(bv),
-                None => o.fill(0.0),
+            DecodeRows::Some {
+                rows: Tensor::new(rows.as_slice(), dev)?,
+                slots: Tensor::new(dec_slots.as_slice(), dev)?,
             }
-            for j in 0..k {
-                let (src, wj) = (row(t + j), &wv[j * c..(j + 1) * c]);
-                for ((o, s), w) in o.iter_mut().zip(src).zip(wj) {
-                    *o += s * w;
-                }
-            }
-            o.iter_mut().for_each(|v| *v = silu(*v));
-        }
-    });
-    let mut new_state = Vec::with_capacity((k - 1) * c);
-    for i in l..l + k - 1 {
-        new_state.extend_from_slice(row(i));
-    }
-    drop(xg);
-    let dev = x.device();
-    Ok((
-        Tensor::from_vec(out, (l, c), dev)?,
-        Tensor::from_vec(new_state, (k - 1, c), dev)?,
-    ))
-}
-
-/// CPU grouped gated RMSNorm (same math as [`GatedRmsNorm::forward`]) in one pass.
-/// `y`: [T, d] f32, `z`: [T, d] f32 (rows may be strided). Returns [T, d] f32.
-fn gated_norm_cpu(y: &Tensor, z: &Tensor, norm: &GatedRmsNorm) -> Result<Tensor> {
-    let (t, d) = y.dims2()?;
-    let y = y.contiguous()?;
-    let yv = CpuF32::new(&y)?;
-    let yv = yv.slice()?;
-    let (zg, z0, zs) = rows_f32(z)?;
-    let zv = storage_f32(&zg)?;
-    let wv = CpuF32::new(norm.weight())?;
-    let wv = wv.slice()?;
-    let (gs, eps) = (norm.group_size(), norm.eps());
-    let mut out = vec![0f32; t * d];
-    let outp = OutPtr(out.as_mut_ptr());
-    par_ranges(t, t * d * 4, |rows| {
-        for r in rows {
-            // SAFETY: row r of `out` is written by this worker only.
-            let o = unsafe { std::slice::from_raw_parts_mut(outp.at(r * d), d) };
-            let (yr, zr) = (&yv[r * d..(r + 1) * d], &zv[z0 + r * zs..z0 + r * zs + d]);
-            for ((og, yg), zg) in o.chunks_mut(gs).zip(yr.chunks(gs)).zip(zr.chunks(gs)) {
-                let mut ss = 0f32;
-                for ((o, &yy), &zz) in og.iter_mut().zip(yg).zip(zg) {
-                    *o = yy * silu(zz);
-                    ss += *o * *o;
-                }
-                let inv = 1.0 / (ss / gs as f32 + eps).sqrt();
-                og.iter_mut().for_each(|v| *v *= inv);
-            }
-            for (v, w) in o.iter_mut().zip(wv) {
-                *v *= w;
-            }
-        }
-    });
-    drop(zg);
-    Tensor::from_vec(out, (t, d), y.device())
-}
-
-#[inline]
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
-}
-
-#[inline]
-fn softplus_f32(v: f32) -> f32 {
-    v.max(0.0) + (-v.abs()).exp().ln_1p()
-}
-
-/// Borrowed f32 data of a contiguous CPU tensor.
-struct CpuF32<'a> {
-    guard: candle_core::StorageRef<'a>,
-    start: usize,
-    len: usize,
-}
-
-impl<'a> CpuF32<'a> {
-    fn new(t: &'a Tensor) -> Result<Self> {
-        if !t.is_contiguous() {
-            candle_core::bail!(
-                "mamba decode: expected a contiguous tensor, got {:?}",
-                t.layout()
-            );
-        }
-        let (guard, layout) = t.storage_and_layout();
-        Ok(CpuF32 {
-            start: layout.start_offset(),
-            len: t.elem_count(),
-            guard,
+        };
+        Ok(MambaBatch {
+            seq_lens: seq_lens.to_vec(),
+            slots: slots.to_vec(),
+            slots_t: Tensor::new(slots, dev)?,
+            decode,
         })
-    }
-
-    fn slice(&self) -> Result<&[f32]> {
-        match &*self.guard {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                Ok(&v[self.start..self.start + self.len])
-            }
-            _ => candle_core::bail!("mamba decode: expected CPU f32 data"),
-        }
     }
 }
 
@@ -842,8 +600,23 @@ mod tests {
         Ok(())
     }
 
+    /// Two pools with the same random states, slots 0..5.
+    fn random_pools(d: MambaDims, dev: &Device) -> Result<(MambaPool, MambaPool)> {
+        let a = MambaPool::zeros(5, d, dev)?;
+        let b = MambaPool::zeros(5, d, dev)?;
+        for s in 0..5 {
+            let st = MambaState {
+                conv: Tensor::randn(0f32, 1.0, (d.conv_kernel - 1, d.conv_dim()), dev)?,
+                ssm: Tensor::randn(0f32, 1.0, (d.heads, d.head_dim, d.state), dev)?,
+            };
+            a.write(s, &st)?;
+            b.write(s, &st)?;
+        }
+        Ok((a, b))
+    }
+
     #[test]
-    fn fused_cpu_decode_matches_generic_path() -> Result<()> {
+    fn fused_cpu_decode_matches_generic_path_on_the_pool() -> Result<()> {
         use crate::model::checkpoint::Checkpoint;
         use crate::model::config::CheckpointConfig;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny");
@@ -857,27 +630,100 @@ mod tests {
         let mut generic = fused.clone();
         generic.fused_cpu_decode = false;
         let dev = Device::Cpu;
-        let d = fused.dims;
-        let mk = || -> Result<MambaState> {
-            Ok(MambaState {
-                conv: Tensor::randn(0f32, 1.0, (d.conv_kernel - 1, d.conv_dim()), &dev)?,
-                ssm: Tensor::randn(0f32, 1.0, (d.heads, d.head_dim, d.state), &dev)?,
-            })
-        };
-        let (mut a1, mut a2) = (mk()?, mk()?);
-        let (mut b1, mut b2) = (a1.clone(), a2.clone());
-        let x = Tensor::randn(0f32, 1.0, (2, cfg.model.llm_config.hidden_size), &dev)?;
-        for _ in 0..3 {
-            let yf = fused.forward(&x, &[1, 1], &mut [&mut a1, &mut a2])?;
-            let yg = generic.forward(&x, &[1, 1], &mut [&mut b1, &mut b2])?;
-            assert!(max_abs(&yf, &yg)? < 1e-4);
+        let hidden = cfg.model.llm_config.hidden_size;
+        let (pf, pg) = random_pools(fused.dims, &dev)?;
+        // Out-of-order slots; slot 1 belongs to nobody and must not change.
+        let untouched = pf.read(1)?;
+        let slots = [3u32, 0, 4];
+        let decode = MambaBatch::new(&[1, 1, 1], &slots, &dev)?;
+        // A mixed step: slot 0 prefills 5 tokens while the others decode.
+        let mixed = MambaBatch::new(&[1, 5, 1], &slots, &dev)?;
+        for (step, (batch, t)) in [(&decode, 3), (&mixed, 7), (&decode, 3), (&decode, 3)]
+            .into_iter()
+            .enumerate()
+        {
+            let x = Tensor::randn(0f32, 1.0, (t, hidden), &dev)?;
+            let yf = fused.forward(&x, batch, &pf)?;
+            let yg = generic.forward(&x, batch, &pg)?;
+            assert!(max_abs(&yf, &yg)? < 1e-4, "step {step}");
         }
-        assert!(max_abs(&a1.ssm, &b1.ssm)? < 1e-4 && max_abs(&a2.conv, &b2.conv)? < 1e-6);
+        for s in 0..5 {
+            let (a, b) = (pf.read(s)?, pg.read(s)?);
+            assert!(max_abs(&a.ssm, &b.ssm)? < 1e-4, "ssm of slot {s}");
+            assert!(max_abs(&a.conv, &b.conv)? < 1e-6, "conv of slot {s}");
+        }
+        let now = pf.read(1)?;
+        assert_eq!(
+            max_abs(&now.ssm, &untouched.ssm)? + max_abs(&now.conv, &untouched.conv)?,
+            0.0
+        );
+        // A repeated or out-of-range slot is refused, not raced on.
+        let x = Tensor::randn(0f32, 1.0, (2, hidden), &dev)?;
+        for bad in [[2u32, 2], [0, 5]] {
+            let batch = MambaBatch::new(&[1, 1], &bad, &dev)?;
+            assert!(fused.forward(&x, &batch, &pf).is_err(), "{bad:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pooled_decode_matches_the_scalar_recurrence() -> Result<()> {
+        use super::cpu::{conv_step_row, ssm_step_row};
+        // One sequence, tiny sizes: the row kernels against ssm_step / causal_conv1d.
+        let dev = Device::Cpu;
+        let d = MambaDims {
+            heads: 4,
+            head_dim: 3,
+            state: 5,
+            groups: 2,
+            conv_kernel: 4,
+            chunk: 8,
+        };
+        let cd = d.conv_dim();
+        let mut window: Vec<f32> = (0..3 * cd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let xbc: Vec<f32> = (0..cd).map(|i| (i as f32 * 0.11).cos()).collect();
+        let w: Vec<f32> = (0..4 * cd).map(|i| (i as f32 * 0.07).sin()).collect();
+        let mut xc = vec![0f32; cd];
+        let (y_ref, st_ref) = causal_conv1d(
+            &Tensor::from_slice(&xbc, (1, cd), &dev)?,
+            &Tensor::from_slice(&window, (3, cd), &dev)?,
+            &Tensor::from_slice(&w, (4, cd), &dev)?,
+            None,
+        )?;
+        conv_step_row(&mut window, &xbc, &w, None, &mut xc);
+        let xc_t = Tensor::from_slice(&xc, (1, cd), &dev)?;
+        assert!(max_abs(&xc_t, &candle_nn::ops::silu(&y_ref)?)? < 1e-6);
+        assert!(max_abs(&Tensor::from_slice(&window, (3, cd), &dev)?, &st_ref)? == 0.0);
+
+        let (x, b, c) = split_xbc(&xc_t, d)?;
+        let dt = Tensor::new(&[[0.3f32, 0.7, 1.1, 0.2]], &dev)?;
+        let a = Tensor::new(&[-0.5f32, -1.0, -2.0, -0.1], &dev)?;
+        let skip = [0.5f32, 1.0, -1.0, 2.0];
+        let s0 = Tensor::randn(0f32, 1.0, (1, 4, 3, 5), &dev)?;
+        let (y_ref, s_ref) = ssm_step(&x, &b, &c, &dt, &a, &s0)?;
+        let y_ref = (y_ref + x.broadcast_mul(&Tensor::new(&skip, &dev)?.reshape((1, 4, 1))?)?)?;
+        let mut state = s0.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; 12];
+        let di = d.d_inner();
+        ssm_step_row(
+            &mut state,
+            &xc[..di],
+            &xc[di..di + 10],
+            &xc[di + 10..],
+            &dt.flatten_all()?.to_vec1::<f32>()?,
+            &a.to_vec1::<f32>()?,
+            &skip,
+            d,
+            &mut y,
+        );
+        assert!(max_abs(&Tensor::from_slice(&y, (1, 4, 3), &dev)?, &y_ref)? < 1e-5);
+        assert!(max_abs(&Tensor::from_slice(&state, (1, 4, 3, 5), &dev)?, &s_ref)? < 1e-5);
         Ok(())
     }
 
     #[test]
     fn cpu_conv_and_norm_kernels_match_generic_ops() -> Result<()> {
+        use super::cpu::{conv1d_silu_cpu, gated_norm_cpu};
         let dev = Device::Cpu;
         let (l, c, k) = (7, 6, 4);
         // A column slice of a wider matrix, like xBC inside the in_proj output.

@@ -1,10 +1,11 @@
 //! NemotronH hybrid LLM (model.md §2): embeddings → 62 pre-norm residual blocks
 //! (Mamba2 / attention / MLP per the config pattern) → norm_f → lm_head.
 //!
-//! The forward pass takes a batch of sequences packed back to back ([total_tokens, hidden])
-//! with one [`SequenceState`] each. Linear layers run once over all packed tokens; the conv /
-//! scan and attention run per sequence on its slice, and decode steps (1 token per sequence)
-//! run the Mamba recurrence once for the whole batch.
+//! The forward pass takes a batch of sequences packed back to back ([total_tokens, hidden]),
+//! each a [`SequenceState`] whose Mamba states are a slot of a [`StatePool`]. Linear layers
+//! run once over all packed tokens; the chunked scan and attention run per sequence on its
+//! slice, and the decode steps (1 token per sequence) run the Mamba recurrence once for all
+//! of them, in place on the pool.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
@@ -13,10 +14,10 @@ use super::attention::Attention;
 use super::checkpoint::Checkpoint;
 use super::config::{LayerKind, NemotronHConfig};
 use super::linear::Linear;
-use super::mamba2::Mamba2;
+use super::mamba2::{Mamba2, MambaBatch};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
-use super::state::{KvCache, LayerState, MambaState, SequenceState};
+use super::state::{KvCache, LayerStateKind, SequenceState, StatePool};
 
 /// Checkpoint prefix of the LLM inside the VL checkpoint.
 pub const LLM_PREFIX: &str = "language_model";
@@ -135,42 +136,43 @@ impl NemotronH {
         self.embeddings.forward(ids)
     }
 
-    /// Fresh (zero) state for a new sequence.
-    pub fn new_state(&self) -> Result<SequenceState> {
-        let layers = self
+    /// A pool of Mamba states for up to `slots` sequences at once, allocated now.
+    pub fn new_pool(&self, slots: usize) -> Result<StatePool> {
+        let kinds: Vec<LayerStateKind> = self
             .layers
             .iter()
-            .map(|b| {
-                Ok(match &b.mixer {
-                    Mixer::Mamba(m) => LayerState::Mamba(m.zero_state(&self.device)?),
-                    Mixer::Attention(_) => LayerState::Attention(KvCache::new()),
-                    Mixer::Mlp(_) => LayerState::None,
-                })
+            .map(|b| match &b.mixer {
+                Mixer::Mamba(m) => LayerStateKind::Mamba(m.dims()),
+                Mixer::Attention(_) => LayerStateKind::Attention,
+                Mixer::Mlp(_) => LayerStateKind::Stateless,
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(SequenceState { layers, len: 0 })
+            .collect();
+        StatePool::new(&kinds, slots, &self.device)
     }
 
     /// Run `embeds` [total_tokens, hidden] — the sequences of `seq_lens` packed back to back —
-    /// continuing each sequence from `states[i]` (updated in place). Returns f32 logits,
-    /// [num_seqs, vocab] for `LastToken` or [total_tokens, vocab] for `AllTokens`.
+    /// continuing each sequence from `states[i]` (its slot of `pool` and its KV caches, all
+    /// updated in place). Returns f32 logits, [num_seqs, vocab] for `LastToken` or
+    /// [total_tokens, vocab] for `AllTokens`.
     pub fn forward(
         &self,
         embeds: &Tensor,
         seq_lens: &[usize],
+        pool: &StatePool,
         states: &mut [&mut SequenceState],
         logits: LogitsFor,
     ) -> Result<Tensor> {
         // On CPU this runs the pass inside candle's own warm rayon pool; outside it the gemm
         // calls stay on the calling thread (measured: no matmul parallelism at all).
         self.device
-            .with_context(|| self.forward_inner(embeds, seq_lens, states, logits))
+            .with_context(|| self.forward_inner(embeds, seq_lens, pool, states, logits))
     }
 
     fn forward_inner(
         &self,
         embeds: &Tensor,
         seq_lens: &[usize],
+        pool: &StatePool,
         states: &mut [&mut SequenceState],
         logits: LogitsFor,
     ) -> Result<Tensor> {
@@ -193,40 +195,48 @@ impl NemotronH {
                 "forward: seq_lens {seq_lens:?} do not add up to {total} tokens (or contain 0)"
             );
         }
+        if pool.num_layers() != self.layers.len() {
+            candle_core::bail!(
+                "forward: state pool has {} layers, model {}",
+                pool.num_layers(),
+                self.layers.len()
+            );
+        }
+        let mut slots = Vec::with_capacity(states.len());
         for st in states.iter() {
-            if st.layers.len() != self.layers.len() {
+            pool.check(st)?;
+            if st.num_layers() != self.layers.len() {
                 candle_core::bail!(
                     "forward: state has {} layers, model {}",
-                    st.layers.len(),
+                    st.num_layers(),
                     self.layers.len()
                 );
             }
+            slots.push(st.slot());
         }
+        let batch = MambaBatch::new(seq_lens, &slots, &self.device)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.layers.iter().enumerate() {
             let h = block.norm.forward(&x)?;
             let out = match &block.mixer {
                 Mixer::Mlp(m) => m.forward(&h)?,
                 Mixer::Mamba(m) => {
-                    let mut layer_states = states
-                        .iter_mut()
-                        .map(|s| match &mut s.layers[i] {
-                            LayerState::Mamba(ms) => Ok(ms),
-                            _ => Err(candle_core::Error::Msg(format!(
-                                "state of layer {i} is not a Mamba state"
-                            ))),
-                        })
-                        .collect::<Result<Vec<&mut MambaState>>>()?;
-                    m.forward(&h, seq_lens, &mut layer_states)?
+                    let Some(layer_pool) = pool.mamba(i) else {
+                        candle_core::bail!(
+                            "forward: the state pool has no Mamba states for layer {i}"
+                        );
+                    };
+                    m.forward(&h, &batch, layer_pool)?
                 }
                 Mixer::Attention(a) => {
                     let mut caches = states
                         .iter_mut()
-                        .map(|s| match &mut s.layers[i] {
-                            LayerState::Attention(c) => Ok(c),
-                            _ => Err(candle_core::Error::Msg(format!(
-                                "state of layer {i} is not a KV cache"
-                            ))),
+                        .map(|s| {
+                            s.kv_cache_mut(i).ok_or_else(|| {
+                                candle_core::Error::Msg(format!(
+                                    "state of layer {i} has no KV cache"
+                                ))
+                            })
                         })
                         .collect::<Result<Vec<&mut KvCache>>>()?;
                     a.forward(&h, seq_lens, &mut caches)?
@@ -288,6 +298,7 @@ mod tests {
     fn batched_forward_matches_each_sequence_alone() {
         let model = tiny();
         let dev = Device::Cpu;
+        let pool = model.new_pool(12).unwrap();
         // Lengths straddle the tiny model's chunk size (16).
         let lens = [5usize, 19, 1, 33];
         let ids: Vec<Vec<u32>> = lens
@@ -302,12 +313,18 @@ mod tests {
         let alone: Vec<(Tensor, SequenceState)> = ids
             .iter()
             .map(|seq| {
-                let mut st = model.new_state().unwrap();
+                let mut st = pool.acquire(None).unwrap().unwrap();
                 let emb = model
                     .embed(&Tensor::new(seq.as_slice(), &dev).unwrap())
                     .unwrap();
                 let lg = model
-                    .forward(&emb, &[seq.len()], &mut [&mut st], LogitsFor::AllTokens)
+                    .forward(
+                        &emb,
+                        &[seq.len()],
+                        &pool,
+                        &mut [&mut st],
+                        LogitsFor::AllTokens,
+                    )
                     .unwrap();
                 (lg, st)
             })
@@ -316,11 +333,13 @@ mod tests {
         let emb = model
             .embed(&Tensor::new(flat.as_slice(), &dev).unwrap())
             .unwrap();
-        let mut states: Vec<SequenceState> =
-            lens.iter().map(|_| model.new_state().unwrap()).collect();
+        let mut states: Vec<SequenceState> = lens
+            .iter()
+            .map(|_| pool.acquire(None).unwrap().unwrap())
+            .collect();
         let mut refs: Vec<&mut SequenceState> = states.iter_mut().collect();
         let all = model
-            .forward(&emb, &lens, &mut refs, LogitsFor::AllTokens)
+            .forward(&emb, &lens, &pool, &mut refs, LogitsFor::AllTokens)
             .unwrap();
         let mut start = 0;
         for (i, &l) in lens.iter().enumerate() {
@@ -337,17 +356,19 @@ mod tests {
             .forward(
                 &model.embed(&step_ids).unwrap(),
                 &[1, 1, 1, 1],
+                &pool,
                 &mut refs,
                 LogitsFor::LastToken,
             )
             .unwrap();
         // Batched decode step == each sequence's own decode step.
         for (i, (_, st)) in alone.iter().enumerate() {
-            let mut st = st.clone();
+            let mut st = pool.fork(st).unwrap().unwrap();
             let one = model
                 .forward(
                     &model.embed(&step_ids.narrow(0, i, 1).unwrap()).unwrap(),
                     &[1],
+                    &pool,
                     &mut [&mut st],
                     LogitsFor::LastToken,
                 )
@@ -358,5 +379,15 @@ mod tests {
             );
             assert_eq!(st.len(), lens[i] + 1);
         }
+        assert!(pool.usage().peak <= pool.capacity());
+        // A state from another pool is refused.
+        let other = model.new_pool(1).unwrap();
+        let mut foreign = other.acquire(None).unwrap().unwrap();
+        let one = model.embed(&Tensor::new(&[7u32], &dev).unwrap()).unwrap();
+        assert!(
+            model
+                .forward(&one, &[1], &pool, &mut [&mut foreign], LogitsFor::LastToken)
+                .is_err()
+        );
     }
 }
