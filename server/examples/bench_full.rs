@@ -86,18 +86,24 @@ struct Args {
 mod batch_state {
     use candle_core::{Result, Tensor};
     use vlm_server::model::nemotron_h::{LogitsFor, NemotronH};
-    use vlm_server::model::state::SequenceState;
+    use vlm_server::model::state::{SequenceState, StatePool};
 
+    /// The sequences hold slots of a pool sized for them, as the scheduler's do.
     pub struct Batch {
+        pool: StatePool,
         states: Vec<SequenceState>,
     }
 
     impl Batch {
         pub fn new(llm: &NemotronH, sequences: usize) -> Result<Self> {
+            let pool = llm.new_pool(sequences)?;
             let states = (0..sequences)
-                .map(|_| llm.new_state())
+                .map(|_| {
+                    pool.acquire(None)?
+                        .ok_or_else(|| candle_core::Error::Msg("state pool is full".into()))
+                })
                 .collect::<Result<_>>()?;
-            Ok(Batch { states })
+            Ok(Batch { pool, states })
         }
 
         /// `embeds`: the sequences' new tokens packed back to back (`seq_lens` each);
@@ -109,7 +115,13 @@ mod batch_state {
             seq_lens: &[usize],
         ) -> Result<Tensor> {
             let mut refs: Vec<&mut SequenceState> = self.states.iter_mut().collect();
-            llm.forward(embeds, seq_lens, &mut refs, LogitsFor::LastToken)
+            llm.forward(
+                embeds,
+                seq_lens,
+                &self.pool,
+                &mut refs,
+                LogitsFor::LastToken,
+            )
         }
     }
 }

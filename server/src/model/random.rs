@@ -318,12 +318,14 @@ mod tests {
         ids.extend(std::iter::repeat_n(ctx, 2 * model.tokens_per_tile()));
         ids.extend([600u32, 700]);
         let embeds = model.embed_prompt(&ids, Some(&images)).unwrap();
-        let mut state = model.llm.new_state().unwrap();
+        let pool = model.llm.new_pool(1).unwrap();
+        let mut state = pool.acquire(None).unwrap().unwrap();
         let logits = model
             .llm
             .forward(
                 &embeds,
                 &[ids.len()],
+                &pool,
                 &mut [&mut state],
                 crate::model::nemotron_h::LogitsFor::LastToken,
             )
