@@ -8,6 +8,7 @@
 pub mod api;
 pub mod download;
 pub mod engine;
+pub mod kernels;
 pub mod model;
 pub mod preprocess;
 pub mod prompt;

@@ -1,0 +1,142 @@
+//! The per-row CPU building blocks against the f64 reference, and the CUDA launch plans.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::cpu;
+use super::plan::{ScanPlan, UpdatePlan};
+use super::reference::{self, SsmSizes};
+
+fn uniform(r: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(lo..hi)).collect()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f64]) {
+    let err = reference::max_rel_err(got, want);
+    assert!(err < 1e-5, "{what}: max relative error {err:e}");
+}
+
+#[test]
+fn ssm_update_row_matches_reference() {
+    // N = 20: two 8-lane blocks plus a tail of 4.
+    let sz = SsmSizes {
+        heads: 6,
+        head_dim: 3,
+        state: 20,
+        groups: 3,
+    };
+    let (h, p, n, g) = (sz.heads, sz.head_dim, sz.state, sz.groups);
+    let r = &mut StdRng::seed_from_u64(1);
+    let state0 = uniform(r, h * p * n, -1.0, 1.0);
+    let (x, b, c) = (
+        uniform(r, h * p, -1.0, 1.0),
+        uniform(r, g * n, -1.0, 1.0),
+        uniform(r, g * n, -1.0, 1.0),
+    );
+    let (mut dt_raw, dt_bias) = (uniform(r, h, -2.0, 2.0), uniform(r, h, -1.0, 1.0));
+    (dt_raw[0], dt_raw[1]) = (-8.0, 8.0); // below and above the limit
+    let (a, d) = (uniform(r, h, -4.0, -0.5), uniform(r, h, -1.0, 1.0));
+    let limit = (0.1, 1.0); // clamps some heads on both sides
+    let mut dt = vec![0f32; h];
+    cpu::dt_row(&dt_raw, &dt_bias, limit, &mut dt);
+    let dt_ref: Vec<f64> = (0..h)
+        .map(|i| reference::dt(dt_raw[i], dt_bias[i], limit))
+        .collect();
+    assert_close("dt", &dt, &dt_ref);
+    assert!(
+        dt.contains(&0.1) && dt.contains(&1.0),
+        "the limit should clamp"
+    );
+
+    let mut state = state0.clone();
+    let mut y = vec![f32::NAN; h * p];
+    cpu::ssm_update_row(&mut state, &x, &b, &c, &dt, &a, &d, g, &mut y);
+    let (want_y, want_s) = reference::ssm_update(&state0, &x, &b, &c, &dt_ref, &a, &d, sz);
+    assert_close("y", &y, &want_y);
+    assert_close("state", &state, &want_s);
+}
+
+#[test]
+fn conv_update_row_shifts_state_and_matches_reference() {
+    let (k, c) = (4, 7);
+    let r = &mut StdRng::seed_from_u64(2);
+    let state0 = uniform(r, (k - 1) * c, -1.0, 1.0);
+    let (x, w, bias) = (
+        uniform(r, c, -1.0, 1.0),
+        uniform(r, k * c, -1.0, 1.0),
+        uniform(r, c, -1.0, 1.0),
+    );
+    let xb: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let xb_f32: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+    let mut state = state0.clone();
+    let mut out = vec![f32::NAN; c];
+    cpu::conv_update_row(&mut state, &xb, &w, Some(&bias), &mut out);
+    let (want, want_state) = reference::conv1d(&xb_f32, c, &state0, &w, Some(&bias));
+    assert_close("conv out", &out, &want);
+    assert_eq!(state, want_state);
+}
+
+#[test]
+fn gated_norm_row_matches_reference() {
+    let (d, gs) = (40, 20); // groups of 20: two 8-lane blocks and a tail in the sum of squares
+    let r = &mut StdRng::seed_from_u64(3);
+    let (y, z, w) = (
+        uniform(r, d, -2.0, 2.0),
+        uniform(r, d, -2.0, 2.0),
+        uniform(r, d, -1.0, 1.0),
+    );
+    let mut out = vec![f32::NAN; d];
+    cpu::gated_norm_row(&y, &z, &w, gs, 1e-5, &mut out);
+    assert_close(
+        "gated norm",
+        &out,
+        &reference::gated_norm(&y, &z, &w, gs, 1e-5),
+    );
+}
+
+#[test]
+fn update_plan_covers_the_state_row() {
+    // Full size: one float4 per lane.
+    assert_eq!(UpdatePlan::new(128, 0), Some(UpdatePlan { v: 4, ni: 1 }));
+    // A pool view starting off a 16-byte boundary falls back to scalar rows.
+    assert_eq!(UpdatePlan::new(128, 2), Some(UpdatePlan { v: 1, ni: 4 }));
+    assert_eq!(UpdatePlan::new(16, 0), Some(UpdatePlan { v: 4, ni: 1 }));
+    assert_eq!(UpdatePlan::new(5, 0), Some(UpdatePlan { v: 1, ni: 1 }));
+    assert_eq!(UpdatePlan::new(384, 0), Some(UpdatePlan { v: 4, ni: 4 }));
+    assert_eq!(UpdatePlan::new(1024, 0), None);
+    for n in 1..=512 {
+        for off in [0, 1] {
+            if let Some(pl) = UpdatePlan::new(n, off) {
+                assert!(pl.ni * 32 * pl.v >= n, "N = {n} not covered by {pl:?}");
+                assert!(pl.v == 1 || n % 4 == 0 && off % 4 == 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn scan_plan_fits_the_block_and_shared_memory() {
+    // Full size: 4 lanes of 32 elements per row, 40 rows (5 warps) per block.
+    let full = ScanPlan::new(80, 128).expect("full-size plan");
+    assert_eq!((full.e, full.s, full.r), (32, 4, 40));
+    assert!(full.tch >= 32, "{full:?}");
+    // The tiny test model: one lane per row.
+    assert_eq!(
+        ScanPlan::new(8, 16).map(|pl| (pl.e, pl.s, pl.r)),
+        Some((16, 1, 8))
+    );
+    // N / E must be a power of two.
+    assert_eq!(ScanPlan::new(8, 5), None);
+    for p in [1, 3, 8, 64, 80, 128] {
+        for n in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024] {
+            let Some(pl) = ScanPlan::new(p, n) else {
+                continue;
+            };
+            assert_eq!(pl.e * pl.s, n);
+            assert!(pl.s.is_power_of_two() && pl.s <= 32);
+            assert_eq!(p % pl.r, 0);
+            assert!(pl.r * pl.s <= 256);
+            assert!(pl.tch >= 1 && pl.smem_bytes() <= 48 * 1024, "{pl:?}");
+        }
+    }
+}
