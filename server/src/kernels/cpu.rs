@@ -151,8 +151,7 @@ const LANES: usize = 8;
 
 /// One sequence's decode step over all heads: `state` [H·P·N] in place, `x` [H·P], `b`/`c`
 /// [G·N], `dt` [H] (see [`dt_row`]), `a`/`d` [H]; head h uses group h / (H/G). `y` [H·P].
-/// For a fused CPU decode step over one sequence (the batch driver works per head).
-#[cfg_attr(not(test), allow(dead_code))]
+/// The fused CPU decode step of the model uses it (the batch driver here works per head).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ssm_update_row(
     state: &mut [f32],

@@ -668,7 +668,7 @@ mod tests {
 
     #[test]
     fn pooled_decode_matches_the_scalar_recurrence() -> Result<()> {
-        use super::cpu::{conv_step_row, ssm_step_row};
+        use crate::kernels::cpu::{conv_update_row as conv_step_row, ssm_update_row};
         // One sequence, tiny sizes: the row kernels against ssm_step / causal_conv1d.
         let dev = Device::Cpu;
         let d = MambaDims {
@@ -705,7 +705,7 @@ mod tests {
         let mut state = s0.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; 12];
         let di = d.d_inner();
-        ssm_step_row(
+        ssm_update_row(
             &mut state,
             &xc[..di],
             &xc[di..di + 10],
@@ -713,7 +713,7 @@ mod tests {
             &dt.flatten_all()?.to_vec1::<f32>()?,
             &a.to_vec1::<f32>()?,
             &skip,
-            d,
+            d.groups,
             &mut y,
         );
         assert!(max_abs(&Tensor::from_slice(&y, (1, 4, 3), &dev)?, &y_ref)? < 1e-5);

@@ -1,7 +1,6 @@
 //! CPU kernels of the Mamba2 mixer: the decode step over the state pool (in place, one
-//! pass per sequence), the prefill conv and the gated RMSNorm. The per-row math lives in
-//! small functions ([`conv_step_row`], [`ssm_step_row`], [`gated_norm_row`]) that other
-//! backends' reference checks can share.
+//! pass per sequence), the prefill conv and the gated RMSNorm. The per-row math is shared
+//! with the device kernels' CPU twins ([`crate::kernels`]).
 
 use std::sync::Mutex;
 
@@ -11,114 +10,7 @@ use super::super::linear::{OutPtr, par_ranges};
 use super::super::norm::GatedRmsNorm;
 use super::super::state::MambaPool;
 use super::{Mamba2, MambaDims};
-
-/// Conv step of one sequence. `window` [K−1, cd] is its conv state, oldest row first: it is
-/// shifted by one row and `xbc` [cd] appended, in place. `out` [cd] = SiLU(Σ_j w[j]·row_j + b)
-/// over the K rows [window; xbc], with `w` [K, cd].
-pub(crate) fn conv_step_row(
-    window: &mut [f32],
-    xbc: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    let cd = xbc.len();
-    let k = w.len() / cd;
-    match b {
-        Some(b) => out.copy_from_slice(b),
-        None => out.fill(0.0),
-    }
-    for j in 0..k {
-        let src = if j + 1 < k {
-            &window[j * cd..(j + 1) * cd]
-        } else {
-            xbc
-        };
-        for ((o, s), w) in out.iter_mut().zip(src).zip(&w[j * cd..(j + 1) * cd]) {
-            *o += s * w;
-        }
-    }
-    out.iter_mut().for_each(|v| *v = silu(*v));
-    if k > 1 {
-        window.copy_within(cd.., 0);
-        window[(k - 2) * cd..].copy_from_slice(xbc);
-    }
-}
-
-/// SSM step of one sequence (model.md §2.5.6), in place on `state` [H, P, N]: for head h of
-/// group g = h / (H/G), S_h = exp(dt_h·A_h)·S_h + dt_h·x_h ⊗ B_g and y_h = S_h·C_g + D_h·x_h.
-/// `x` [H·P], `b`/`c` [G·N], `dt` [H] (after softplus), `a`/`d` [H]; writes `y` [H·P].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn ssm_step_row(
-    state: &mut [f32],
-    x: &[f32],
-    b: &[f32],
-    c: &[f32],
-    dt: &[f32],
-    a: &[f32],
-    d: &[f32],
-    dims: MambaDims,
-    y: &mut [f32],
-) {
-    let (p, n) = (dims.head_dim, dims.state);
-    let hg = dims.heads / dims.groups;
-    for h in 0..dims.heads {
-        let g = h / hg;
-        let da = (dt[h] * a[h]).exp();
-        let (bg, cg) = (&b[g * n..(g + 1) * n], &c[g * n..(g + 1) * n]);
-        for pi in 0..p {
-            let xv = x[h * p + pi];
-            let s = &mut state[(h * p + pi) * n..(h * p + pi + 1) * n];
-            y[h * p + pi] = decay_add_dot(s, bg, cg, da, dt[h] * xv) + d[h] * xv;
-        }
-    }
-}
-
-/// s = da·s + dtx·b in place; returns s·c. Independent lane accumulators let the loop
-/// vectorize: with one serial chain of adds it did not, and this loop's share of a batch-16
-/// decode step (mid checkpoint, CPU profile) halved with the lanes.
-#[inline]
-fn decay_add_dot(s: &mut [f32], b: &[f32], c: &[f32], da: f32, dtx: f32) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let mut sc = s.chunks_exact_mut(L);
-    let (mut bc, mut cc) = (b.chunks_exact(L), c.chunks_exact(L));
-    for ((sv, bv), cv) in (&mut sc).zip(&mut bc).zip(&mut cc) {
-        for j in 0..L {
-            let v = da * sv[j] + dtx * bv[j];
-            sv[j] = v;
-            acc[j] += v * cv[j];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for ((sv, bv), cv) in sc
-        .into_remainder()
-        .iter_mut()
-        .zip(bc.remainder())
-        .zip(cc.remainder())
-    {
-        *sv = da * *sv + dtx * bv;
-        sum += *sv * cv;
-    }
-    sum
-}
-
-/// Grouped gated RMSNorm of one row, in place: g = y·SiLU(z), normalized over each group of
-/// `group` values, times `w`.
-pub(crate) fn gated_norm_row(y: &mut [f32], z: &[f32], w: &[f32], group: usize, eps: f32) {
-    for (gy, gz) in y.chunks_mut(group).zip(z.chunks(group)) {
-        let mut ss = 0f32;
-        for (v, &zz) in gy.iter_mut().zip(gz) {
-            *v *= silu(zz);
-            ss += *v * *v;
-        }
-        let inv = 1.0 / (ss / group as f32 + eps).sqrt();
-        gy.iter_mut().for_each(|v| *v *= inv);
-    }
-    for (v, w) in y.iter_mut().zip(w) {
-        *v *= w;
-    }
-}
+use crate::kernels::cpu::{conv_update_row, dt_row, gated_norm_row, silu, ssm_update_row};
 
 /// The decode step on CPU: `proj` [B, di + cd + H] f32 (in_proj output), `slots` [B] u32.
 /// Reads and writes the sequences' pool rows in place (conv window, then SSM state) and
@@ -208,7 +100,7 @@ fn proj_data<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> Result<&'a [f32]>
     }
 }
 
-/// In place on the conv pool: [`conv_step_row`] for each sequence; keeps SiLU(conv) [B, cd].
+/// In place on the conv pool: [`conv_update_row`] for each sequence; keeps SiLU(conv) [B, cd].
 struct ConvStep<'a> {
     w: &'a [f32],
     b: Option<&'a [f32]>,
@@ -249,7 +141,7 @@ impl InplaceOp3 for ConvStep<'_> {
                     )
                 };
                 let xbc = &proj[bi * dp + di..bi * dp + di + cd];
-                conv_step_row(window, xbc, self.w, self.b, o);
+                conv_update_row(window, xbc, self.w, self.b, o);
             }
         });
         *self.out.lock().unwrap_or_else(|e| e.into_inner()) = out;
@@ -257,7 +149,7 @@ impl InplaceOp3 for ConvStep<'_> {
     }
 }
 
-/// In place on the SSM pool: dt, [`ssm_step_row`] and [`gated_norm_row`] for each sequence;
+/// In place on the SSM pool: dt, [`ssm_update_row`] and [`gated_norm_row`] for each sequence;
 /// keeps y [B, di].
 struct SsmStep<'a> {
     /// SiLU(conv) [B, cd] from [`ConvStep`].
@@ -300,7 +192,7 @@ impl InplaceOp3 for SsmStep<'_> {
         let mut out = vec![0f32; rows.len() * di];
         let (out_p, pool_p) = (OutPtr(out.as_mut_ptr()), OutPtr(pool.as_mut_ptr()));
         par_ranges(rows.len(), rows.len() * row * 3, |seqs| {
-            let mut dt = vec![0f32; nh];
+            let (mut dt, mut ys) = (vec![0f32; nh], vec![0f32; di]);
             for bi in seqs {
                 // SAFETY: as in ConvStep: distinct in-range slots, one worker per sequence.
                 let (state, y) = unsafe {
@@ -311,13 +203,11 @@ impl InplaceOp3 for SsmStep<'_> {
                 };
                 let p = &proj[bi * dp..(bi + 1) * dp];
                 let (z, dt_raw) = (&p[..di], &p[di + cd..]);
-                for ((t, &raw), &bias) in dt.iter_mut().zip(dt_raw).zip(self.dt_bias) {
-                    *t = softplus_f32(raw + bias).max(lo).min(hi);
-                }
+                dt_row(dt_raw, self.dt_bias, (lo, hi), &mut dt);
                 let xc = &self.xc[bi * cd..(bi + 1) * cd];
                 let (x, b, c) = (&xc[..di], &xc[di..di + gn], &xc[di + gn..]);
-                ssm_step_row(state, x, b, c, &dt, self.a, self.d, d, y);
-                gated_norm_row(y, z, self.norm_w, self.group, self.eps);
+                ssm_update_row(state, x, b, c, &dt, self.a, self.d, d.groups, &mut ys);
+                gated_norm_row(&ys, z, self.norm_w, self.group, self.eps, y);
             }
         });
         *self.out.lock().unwrap_or_else(|e| e.into_inner()) = out;
@@ -420,22 +310,12 @@ pub(super) fn gated_norm_cpu(y: &Tensor, z: &Tensor, norm: &GatedRmsNorm) -> Res
         for r in rows {
             // SAFETY: row r of `out` is written by this worker only.
             let o = unsafe { std::slice::from_raw_parts_mut(outp.at(r * d), d) };
-            o.copy_from_slice(&yv[r * d..(r + 1) * d]);
-            gated_norm_row(o, &zv[z0 + r * zs..z0 + r * zs + d], wv, gs, eps);
+            let z = &zv[z0 + r * zs..z0 + r * zs + d];
+            gated_norm_row(&yv[r * d..(r + 1) * d], z, wv, gs, eps, o);
         }
     });
     drop(zg);
     Tensor::from_vec(out, (t, d), y.device())
-}
-
-#[inline]
-pub(crate) fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
-}
-
-#[inline]
-pub(crate) fn softplus_f32(v: f32) -> f32 {
-    v.max(0.0) + (-v.abs()).exp().ln_1p()
 }
 
 /// Borrowed f32 data of a contiguous CPU tensor.
