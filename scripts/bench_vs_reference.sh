@@ -3,6 +3,9 @@
 # on the same mid-size checkpoint (~100M parameters), same prompts, medians.
 # Needs the fixture venv: pip install -r scripts/requirements-fixtures.txt
 # Usage: scripts/bench_vs_reference.sh [PYTHON] [PROMPT_TOKENS] [DECODE_TOKENS] [RUNS]
+# Honors CARGO_TARGET_DIR. Peak RSS is /usr/bin/time's maximum resident set size of the
+# whole bench_model process (load included), compared with the checkpoint's bytes as stored
+# and with the same weights in f32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${1:-python3}
@@ -10,12 +13,15 @@ prompt=${2:-512}
 decode=${3:-32}
 runs=${4:-5}
 ckpt=target/mid-checkpoint
+target_dir=${CARGO_TARGET_DIR:-target}
 [ -f "$ckpt/config.json" ] || "$py" scripts/make_checkpoint.py --preset mid --out "$ckpt"
 cargo build --release -q -p vlm-server --example bench_model
-rust=$(/usr/bin/time -f '%M' -o target/bench-rust-rss.txt \
-  target/release/examples/bench_model --model "$ckpt" --prompt-tokens "$prompt" --decode-tokens "$decode" --runs "$runs")
+rss_file=$(mktemp)
+trap 'rm -f "$rss_file"' EXIT
+rust=$(/usr/bin/time -f '%M' -o "$rss_file" \
+  "$target_dir/release/examples/bench_model" --model "$ckpt" --prompt-tokens "$prompt" --decode-tokens "$decode" --runs "$runs")
 ref=$("$py" scripts/bench_reference.py --model "$ckpt" --prompt-tokens "$prompt" --decode-tokens "$decode" --runs "$runs")
-RUST="$rust" REF="$ref" RSS_KB=$(cat target/bench-rust-rss.txt) CKPT="$ckpt" "$py" - <<'PY'
+RUST="$rust" REF="$ref" RSS_KB=$(cat "$rss_file") CKPT="$ckpt" "$py" - <<'PY'
 import json, os, glob
 rust, ref = json.loads(os.environ["RUST"]), json.loads(os.environ["REF"])
 weights = sum(os.path.getsize(f) for f in glob.glob(os.environ["CKPT"] + "/*.safetensors"))
@@ -26,7 +32,9 @@ for kind in ("text", "image"):
     for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         a, b = rust[kind][metric], ref[kind][metric]
         print(f"| {kind} ({rust[kind]['prompt_tokens']} tokens) | {metric.split('_')[0]} | {a:.1f} | {b:.1f} | {a/b:.2f}x |")
-rss = int(os.environ["RSS_KB"]) * 1024
-print(f"vlm-server peak RSS {rss/2**20:.0f} MiB; checkpoint (bf16) {weights/2**20:.0f} MiB; "
-      f"f32 weights in memory {ref['params']*4/2**20:.0f} MiB")
+a, b = rust["image"]["vision_s_median"], ref["image"]["vision_s_median"]
+print(f"vision encoder + projector, one tile: {a:.3f} s vs {b:.3f} s ({b/a:.2f}x)")
+rss, f32 = int(os.environ["RSS_KB"]) * 1024, ref["params"] * 4
+print(f"vlm-server peak RSS {rss/2**20:.0f} MiB = {rss/weights:.2f}x the checkpoint "
+      f"({weights/2**20:.0f} MiB as stored, bf16) = {rss/f32:.2f}x the f32 weights ({f32/2**20:.0f} MiB)")
 PY

@@ -2,7 +2,8 @@
 //! as `scripts/bench_reference.py` defines it for the transformers reference:
 //! prefill tokens/s = prompt tokens / median prefill time (vision included for
 //! the image prompt), decode tokens/s = decode tokens / median decode time
-//! (greedy, cached state). `scripts/bench_vs_reference.sh` runs both.
+//! (greedy, cached state); for the image prompt also the median time of the vision encoder
+//! and projector alone. `scripts/bench_vs_reference.sh` runs both.
 //!
 //! cargo run --release -p vlm-server --example bench_model -- --model target/mid-checkpoint
 
@@ -106,13 +107,14 @@ fn build_prompt(
     }
 }
 
-/// (prefill seconds, decode seconds) for one run.
-fn run_once(model: &NemotronVl, prompt: &Prompt, decode_tokens: usize) -> (f64, f64) {
+/// (vision seconds, prefill seconds, decode seconds) for one run.
+fn run_once(model: &NemotronVl, prompt: &Prompt, decode_tokens: usize) -> (f64, f64, f64) {
     let t0 = Instant::now();
     let images = prompt
         .tiles
         .as_ref()
         .map(|t| model.encode_images(t).expect("vision"));
+    let t_vis = Instant::now();
     let embeds = model
         .embed_prompt(&prompt.ids, images.as_ref())
         .expect("embed");
@@ -142,7 +144,11 @@ fn run_once(model: &NemotronVl, prompt: &Prompt, decode_tokens: usize) -> (f64, 
         next = argmax(&logits);
     }
     let t2 = Instant::now();
-    ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64())
+    (
+        (t_vis - t0).as_secs_f64(),
+        (t1 - t0).as_secs_f64(),
+        (t2 - t1).as_secs_f64(),
+    )
 }
 
 fn argmax(logits: &Tensor) -> u32 {
@@ -190,24 +196,26 @@ fn main() {
         for _ in 0..args.warmup {
             run_once(&model, &prompt, args.decode_tokens.min(4));
         }
-        let (mut pre, mut dec) = (Vec::new(), Vec::new());
+        let (mut vis, mut pre, mut dec) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.runs {
-            let (p, d) = run_once(&model, &prompt, args.decode_tokens);
+            let (v, p, d) = run_once(&model, &prompt, args.decode_tokens);
+            vis.push(v);
             pre.push(p);
             dec.push(d);
         }
-        let (p, d) = (median(pre), median(dec));
-        out.insert(
-            kind.into(),
-            serde_json::json!({
-                "prompt_tokens": prompt.ids.len(),
-                "prefill_s_median": p,
-                "prefill_tokens_per_s": prompt.ids.len() as f64 / p,
-                "decode_tokens": args.decode_tokens,
-                "decode_s_median": d,
-                "decode_tokens_per_s": args.decode_tokens as f64 / d,
-            }),
-        );
+        let (v, p, d) = (median(vis), median(pre), median(dec));
+        let mut result = serde_json::json!({
+            "prompt_tokens": prompt.ids.len(),
+            "prefill_s_median": p,
+            "prefill_tokens_per_s": prompt.ids.len() as f64 / p,
+            "decode_tokens": args.decode_tokens,
+            "decode_s_median": d,
+            "decode_tokens_per_s": args.decode_tokens as f64 / d,
+        });
+        if with_image {
+            result["vision_s_median"] = v.into();
+        }
+        out.insert(kind.into(), result);
     }
     println!("{}", serde_json::Value::Object(out));
 }

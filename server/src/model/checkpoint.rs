@@ -1,22 +1,34 @@
 //! Opening a safetensors checkpoint directory: `model.safetensors.index.json` (sharded) or a
 //! single `model.safetensors`. The shards are memory-mapped (no copy of the file bytes);
 //! tensors are converted to the target dtype/device as they are loaded through a
-//! [`VarBuilder`], with errors that name the tensor and the checkpoint.
+//! [`VarBuilder`], with errors that name the tensor and the checkpoint. Once a tensor is
+//! copied out, its pages of the mapping are released (`MADV_DONTNEED`), so loading never
+//! holds the file and the converted weights in memory at once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
 
 struct Inner {
     dir: PathBuf,
     shards: Vec<PathBuf>,
-    st: MmapedSafetensors,
+    maps: Vec<Mmap>,
+    tensors: HashMap<String, Entry>,
+}
+
+/// Where a tensor lives: shard, dtype, shape and absolute byte range in the mapping.
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: std::ops::Range<usize>,
 }
 
 /// A memory-mapped checkpoint. Cheap to clone (shared mapping).
@@ -67,15 +79,36 @@ impl Checkpoint {
                 bail!("checkpoint shard {} is missing", shard.display());
             }
         }
-        // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on
-        // them not being truncated or rewritten while the server runs.
-        let st = unsafe { MmapedSafetensors::multi(&shards) }
-            .with_context(|| format!("cannot map the safetensors shards in {}", dir.display()))?;
+        let mut maps = Vec::with_capacity(shards.len());
+        let mut tensors = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = std::fs::File::open(shard)
+                .with_context(|| format!("cannot open {}", shard.display()))?;
+            // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on
+            // them not being truncated or rewritten while the server runs.
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map {}", shard.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map)
+                .with_context(|| format!("{} is not a safetensors file", shard.display()))?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                let entry = Entry {
+                    shard: i,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: data_start + a..data_start + b,
+                };
+                tensors.insert(name, entry);
+            }
+            maps.push(map);
+        }
         Ok(Checkpoint {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 shards,
-                st,
+                maps,
+                tensors,
             }),
         })
     }
@@ -86,17 +119,12 @@ impl Checkpoint {
 
     /// Names of all tensors in the checkpoint.
     pub fn tensor_names(&self) -> Vec<String> {
-        self.inner
-            .st
-            .tensors()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect()
+        self.inner.tensors.keys().cloned().collect()
     }
 
     /// Shape of a tensor as stored, without loading it.
     pub fn tensor_shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.inner.st.get(name).ok().map(|v| v.shape().to_vec())
+        self.inner.tensors.get(name).map(|e| e.shape.clone())
     }
 
     /// A VarBuilder that loads tensors onto `device`, converted to `dtype`.
@@ -105,21 +133,55 @@ impl Checkpoint {
     }
 
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let view = self.inner.st.get(name).map_err(|_| {
+        let entry = self.inner.tensors.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!(
                 "tensor `{name}` not found in checkpoint {}",
                 self.inner.dir.display()
             ))
         })?;
-        candle_core::safetensors::Load::load(&view, dev)
+        let map = &self.inner.maps[entry.shard];
+        let tensor = stored_dtype(entry.dtype)
+            .and_then(|stored| {
+                let bytes = map.get(entry.bytes.clone()).ok_or_else(|| {
+                    candle_core::Error::Msg("data offsets are outside the file".into())
+                })?;
+                Tensor::from_raw_buffer(bytes, stored, &entry.shape, dev)
+            })
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| {
                 candle_core::Error::Msg(format!(
                     "cannot load tensor `{name}` from checkpoint {}: {e}",
                     self.inner.dir.display()
                 ))
-            })
+            })?;
+        // The bytes are copied out: drop their pages from this process (they stay in the page
+        // cache; a page shared with a neighbour is simply read again if that one loads later).
+        // SAFETY: DONTNEED on a read-only file mapping only discards clean pages; nothing holds
+        // a reference into them past the copy above.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                entry.bytes.start,
+                entry.bytes.len(),
+            )
+        };
+        Ok(tensor)
     }
+}
+
+fn stored_dtype(dtype: Dtype) -> candle_core::Result<DType> {
+    Ok(match dtype {
+        Dtype::BF16 => DType::BF16,
+        Dtype::F16 => DType::F16,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        Dtype::U8 => DType::U8,
+        Dtype::U32 => DType::U32,
+        Dtype::I16 => DType::I16,
+        Dtype::I32 => DType::I32,
+        Dtype::I64 => DType::I64,
+        other => candle_core::bail!("unsupported stored dtype {other:?}"),
+    })
 }
 
 impl SimpleBackend for Checkpoint {
@@ -132,13 +194,13 @@ impl SimpleBackend for Checkpoint {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         // Check the shape from the header before converting anything.
-        if let Ok(view) = self.inner.st.get(name)
-            && view.shape() != s.dims()
+        if let Some(entry) = self.inner.tensors.get(name)
+            && entry.shape != s.dims()
         {
             return Err(candle_core::Error::Msg(format!(
                 "tensor `{name}` in checkpoint {} has shape {:?}, expected {:?}",
                 self.inner.dir.display(),
-                view.shape(),
+                entry.shape,
                 s.dims()
             )));
         }
@@ -150,7 +212,7 @@ impl SimpleBackend for Checkpoint {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.st.get(name).is_ok()
+        self.inner.tensors.contains_key(name)
     }
 }
 

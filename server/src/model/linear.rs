@@ -1,91 +1,337 @@
-//! Linear layer (`y = x Wᵀ + b`) with a CPU fast path for decode.
+//! Linear layer (`y = x Wᵀ + b`) with a CPU path that keeps BF16 weights and fuses the
+//! epilogue.
 //!
-//! On CPU the model runs in f32 (candle has no BF16 CPU matmul), so a decode step streams
-//! 4 bytes per weight from memory. The checkpoint is BF16, so every f32 weight is exactly a
-//! BF16 value: when that holds we keep an extra BF16 copy and, for few rows (decode), run a
-//! BF16-weight × f32-activation matrix-vector product with f32 accumulation. That halves the
-//! memory traffic of the memory-bound decode step without changing the math (the products
-//! are exact; only the summation order differs). Prefill (many rows) keeps the f32 gemm.
-//! On by default in optimized builds; `VLM_CPU_BF16_GEMV=0` turns it off (saves the +50%
-//! memory of the copy), `=1` turns it on in debug builds (where the unoptimized kernel would
-//! only slow the tests down).
+//! On CPU the model computes in f32 (candle has no BF16 CPU matmul), but the checkpoint is
+//! BF16, so every f32 weight is exactly a BF16 value. When that holds the layer keeps only
+//! the BF16 copy (half the memory of f32) and computes with f32 accumulation:
+//! - few rows (decode): a BF16-weight × f32-activation matrix-vector product that streams
+//!   the weight once (memory-bound: half the bytes of f32);
+//! - many rows (prefill, vision): blocks of weight rows are widened to f32 (exact) into a
+//!   reused scratch and multiplied with `gemm`.
+//!
+//! The products are the same as with f32 weights; only the summation order differs. Bias,
+//! activation (ReLU², exact-erf GELU) or a residual add are applied in the same call instead
+//! of as separate tensor ops. `VLM_CPU_BF16_WEIGHTS=0` keeps f32 weights; debug builds keep
+//! them unless it is `1` (the unoptimized kernels would only slow the tests down).
 
-use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, DType, Module, Result, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 
-/// At most this many rows go through the BF16 matrix-vector path.
-const GEMV_MAX_ROWS: usize = 4;
+pub use super::cpu_math::Activation;
+use super::cpu_math::{bf16_to_f32, bias_act_rows};
+
+/// Up to this many rows go through the BF16 matrix-vector path.
+const GEMV_MAX_ROWS: usize = 16;
+/// Activation rows the matrix-vector kernel handles per pass over a weight row.
+const GEMV_GROUP: usize = 4;
+/// Most weights widened to f32 at a time per thread on the gemm path (1 MiB: L2-sized).
+const WIDEN_FLOATS: usize = 1 << 18;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
-    /// [out, in] BF16 copy of the weight (CPU + f32 model + exactly representable only).
-    weight_bf16: Option<Tensor>,
+    /// [out, in]: the model dtype, or BF16 on CPU when the f32 weight is exactly BF16.
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// What happens to `x Wᵀ + b` before it is returned.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    Act(Activation),
+    /// `residual + x Wᵀ + b`.
+    Add(&'a Tensor),
 }
 
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let inner = candle_nn::linear_b(in_dim, out_dim, bias, vb)?;
-        let weight_bf16 = Self::bf16_copy(inner.weight(), bf16_gemv_enabled())?;
-        Ok(Linear { inner, weight_bf16 })
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        let weight = load_compact(&vb, "weight", Some((out_dim, in_dim).into()))?;
+        Ok(Linear { weight, bias })
     }
 
     /// Wrap an existing weight (e.g. tied embeddings), [out, in].
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Self::from_weight_with(weight, bias, bf16_gemv_enabled())
+        Self::from_weight_with(weight, bias, bf16_weights_enabled())
     }
 
-    fn from_weight_with(weight: Tensor, bias: Option<Tensor>, gemv: bool) -> Result<Self> {
-        let weight_bf16 = Self::bf16_copy(&weight, gemv)?;
-        Ok(Linear {
-            inner: candle_nn::Linear::new(weight, bias),
-            weight_bf16,
-        })
+    fn from_weight_with(weight: Tensor, bias: Option<Tensor>, bf16_ok: bool) -> Result<Self> {
+        let weight = match bf16_ok {
+            true => exact_bf16(&weight)?.unwrap_or(weight),
+            false => weight,
+        };
+        Ok(Linear { weight, bias })
     }
 
-    fn bf16_copy(w: &Tensor, enabled: bool) -> Result<Option<Tensor>> {
-        if !enabled || !matches!(w.device(), Device::Cpu) || w.dtype() != DType::F32 {
-            return Ok(None);
+    /// `act(x Wᵀ + b)`; `x`: [..., in] -> [..., out].
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        self.run(x, Epilogue::Act(act))
+    }
+
+    /// `residual + x Wᵀ + b` (the residual has the output's shape).
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.run(x, Epilogue::Add(residual))
+    }
+
+    fn run(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        if self.cpu_path_applies(x, epilogue) {
+            return self.forward_cpu(x, epilogue);
         }
-        let wb = w.to_dtype(DType::BF16)?.contiguous()?;
-        // Only when lossless (a BF16 checkpoint loaded as f32).
-        let exact = wb
-            .to_dtype(DType::F32)?
-            .ne(w)?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<u8>()?
-            == 0;
-        Ok(exact.then_some(wb))
+        let w = self.weight.to_dtype(x.dtype())?;
+        let y = match x.dims() {
+            [b, t, _] => x
+                .reshape((b * t, ()))?
+                .matmul(&w.t()?)?
+                .reshape((*b, *t, ()))?,
+            _ => x.broadcast_matmul(&w.t()?)?,
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match epilogue {
+            Epilogue::Act(Activation::Identity) => Ok(y),
+            Epilogue::Act(Activation::Relu2) => y.relu()?.sqr(),
+            Epilogue::Act(Activation::GeluErf) => y.gelu_erf(),
+            Epilogue::Add(r) => r + y,
+        }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    fn cpu_path_applies(&self, x: &Tensor, epilogue: Epilogue) -> bool {
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        f32_cpu(x)
+            && self.weight.device().is_cpu()
+            && matches!(self.weight.dtype(), DType::F32 | DType::BF16)
+            && self.bias.as_ref().is_none_or(f32_cpu)
+            && match epilogue {
+                Epilogue::Add(r) => f32_cpu(r),
+                Epilogue::Act(_) => true,
+            }
+    }
+
+    fn forward_cpu(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        let (n, k) = self.weight.dims2()?;
+        let (&kx, lead) = x
+            .dims()
+            .split_last()
+            .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
+        if kx != k {
+            candle_core::bail!(
+                "linear: input width {kx} does not match weight {:?}",
+                self.weight.dims()
+            );
+        }
+        let m: usize = lead.iter().product();
+        let mut out_dims = lead.to_vec();
+        out_dims.push(n);
+        let (mut out, accumulate) = match epilogue {
+            Epilogue::Add(r) => {
+                if r.dims() != out_dims.as_slice() {
+                    candle_core::bail!("linear: residual {:?} is not {out_dims:?}", r.dims());
+                }
+                (r.flatten_all()?.to_vec1::<f32>()?, true)
+            }
+            Epilogue::Act(_) => (vec![0f32; m * n], false),
+        };
+        let x = x.contiguous()?;
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let xv = &cpu_f32(&xs)?[xl.start_offset()..][..m * k];
+            let (ws, wl) = self.weight.storage_and_layout();
+            let off = wl.start_offset();
+            let w = match &*ws {
+                Storage::Cpu(CpuStorage::F32(v)) => Weights::F32(&v[off..off + n * k]),
+                Storage::Cpu(CpuStorage::BF16(v)) => Weights::Bf16(&v[off..off + n * k]),
+                _ => candle_core::bail!("linear: weight is not a CPU f32/bf16 tensor"),
+            };
+            if !self.weight.is_contiguous() {
+                candle_core::bail!("linear: weight is not contiguous");
+            }
+            let act = match epilogue {
+                Epilogue::Act(a) => a,
+                Epilogue::Add(_) => Activation::Identity,
+            };
+            let bias = self.bias.as_ref().map(|b| b.contiguous()).transpose()?;
+            let guard = bias.as_ref().map(|b| b.storage_and_layout());
+            let bv = match &guard {
+                Some((bs, bl)) => Some(&cpu_f32(bs)?[bl.start_offset()..][..n]),
+                None => None,
+            };
+            linear_into(xv, m, k, w, n, bv, act, &mut out, accumulate);
+        }
+        Tensor::from_vec(out, out_dims, x.device())
     }
 }
 
 impl Module for Linear {
-    /// `x`: [T, in] -> [T, out].
+    /// `x`: [..., in] -> [..., out].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight_bf16 {
-            Some(wb) if x.rank() == 2 && x.dim(0)? <= GEMV_MAX_ROWS && x.dtype() == DType::F32 => {
-                let y = gemv_bf16(x, wb)?;
-                match self.inner.bias() {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
-            _ => self.inner.forward(x),
-        }
+        self.forward_act(x, Activation::Identity)
     }
 }
 
-fn bf16_gemv_enabled() -> bool {
-    match std::env::var("VLM_CPU_BF16_GEMV") {
+/// Loads `name` (shape-checked when `shape` is given) in the VarBuilder's dtype, except on
+/// CPU in f32 with BF16 weights enabled, where a tensor whose values are all exactly BF16
+/// (a BF16 checkpoint) is returned as BF16: half the memory, same values.
+pub(crate) fn load_compact(vb: &VarBuilder, name: &str, shape: Option<Shape>) -> Result<Tensor> {
+    let get = |dtype: DType| match &shape {
+        Some(s) => vb.get_with_hints_dtype(s.clone(), name, Default::default(), dtype),
+        None => vb.get_unchecked_dtype(name, dtype),
+    };
+    if !(vb.device().is_cpu() && vb.dtype() == DType::F32 && bf16_weights_enabled()) {
+        return get(vb.dtype());
+    }
+    // The kept BF16 copy is loaded first, the f32 one only to check it: allocated last and
+    // freed first, it leaves no hole under the weights that stay.
+    let wb = get(DType::BF16)?;
+    let w = get(DType::F32)?;
+    Ok(if same_values(&w, &wb)? { wb } else { w })
+}
+
+fn bf16_weights_enabled() -> bool {
+    match std::env::var("VLM_CPU_BF16_WEIGHTS") {
         Ok(v) => v != "0",
         Err(_) => !cfg!(debug_assertions),
     }
+}
+
+/// The BF16 copy of a CPU f32 weight whose values are all exactly BF16 (low 16 bits zero),
+/// else None.
+fn exact_bf16(w: &Tensor) -> Result<Option<Tensor>> {
+    if !w.device().is_cpu() || w.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let wb = w.to_dtype(DType::BF16)?;
+    Ok(same_values(w, &wb)?.then_some(wb))
+}
+
+/// Whether CPU tensors `w` (f32) and `wb` (bf16) hold the same values, bit for bit.
+fn same_values(w: &Tensor, wb: &Tensor) -> Result<bool> {
+    if w.dims() != wb.dims() || !w.is_contiguous() || !wb.is_contiguous() {
+        return Ok(false);
+    }
+    let (s, l) = w.storage_and_layout();
+    let (sb, lb) = wb.storage_and_layout();
+    let n = w.elem_count();
+    let (Storage::Cpu(CpuStorage::F32(v)), Storage::Cpu(CpuStorage::BF16(vb))) = (&*s, &*sb) else {
+        return Ok(false);
+    };
+    let (v, vb) = (&v[l.start_offset()..][..n], &vb[lb.start_offset()..][..n]);
+    Ok(v.iter()
+        .zip(vb)
+        .all(|(x, y)| x.to_bits() == (y.to_bits() as u32) << 16))
+}
+
+fn cpu_f32(s: &Storage) -> Result<&[f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+        _ => candle_core::bail!("linear: expected CPU f32 data"),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+thread_local! {
+    /// Widened weight rows for the gemm path, per pool thread, reused across calls.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out` [m, n] = act(x [m, k] · w [n, k]ᵀ + bias), or with `accumulate`:
+/// `out += x · wᵀ + bias` (then `act` is the identity).
+#[allow(clippy::too_many_arguments)]
+fn linear_into(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights,
+    n: usize,
+    bias: Option<&[f32]>,
+    act: Activation,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if let Weights::Bf16(wv) = w
+        && m <= GEMV_MAX_ROWS
+    {
+        gemv_bf16(x, m, k, wv, n, out, accumulate);
+        if bias.is_some() || act != Activation::Identity {
+            bias_act_rows(out, bias, act);
+        }
+        return;
+    }
+    // Blocks of output columns (weight rows), each small enough for its widened weights to
+    // stay in L2 and at least four per thread (the pool hands them out one by one, so a
+    // thread descheduled on a busy machine does not hold up the rest). Each block is one
+    // single-threaded gemm plus its epilogue while the block is hot: one pool round-trip
+    // per layer, and no second thread pool (gemm's rayon) spinning against this one.
+    let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+    let most = (WIDEN_FLOATS / k.max(1)).max(16);
+    let blocks = n.div_ceil(most).max(4 * threads).min(n.div_ceil(16));
+    let nb = n.div_ceil(blocks).next_multiple_of(16).min(n);
+    let blocks = n.div_ceil(nb);
+    let dst = OutPtr(out.as_mut_ptr());
+    par_ranges(blocks, m * n * k, |items| {
+        WIDE.with_borrow_mut(|wide| {
+            for b in items {
+                let (n0, n1) = (b * nb, ((b + 1) * nb).min(n));
+                let wb: &[f32] = match w {
+                    Weights::F32(v) => &v[n0 * k..n1 * k],
+                    Weights::Bf16(v) => {
+                        wide.resize(nb * k, 0.0);
+                        bf16_to_f32(&v[n0 * k..n1 * k], &mut wide[..(n1 - n0) * k]);
+                        &wide[..(n1 - n0) * k]
+                    }
+                };
+                // SAFETY: x holds m·k floats, wb (n1 − n0)·k; dst [m, n] row-major, and this
+                // block alone writes its columns n0..n1.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n1 - n0,
+                        k,
+                        dst.at(n0),
+                        1,
+                        n as isize,
+                        accumulate,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        wb.as_ptr(),
+                        k as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                };
+                if bias.is_some() || act != Activation::Identity {
+                    let bias = bias.map(|b| &b[n0..n1]);
+                    for r in 0..m {
+                        // SAFETY: row r, columns n0..n1 of dst: this block's own elements.
+                        let row =
+                            unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + n0), n1 - n0) };
+                        bias_act_rows(row, bias, act);
+                    }
+                }
+            }
+        })
+    });
 }
 
 /// Run `f` over `0..n` split across candle's CPU worker pool, or inline when the work is
@@ -113,52 +359,51 @@ impl OutPtr {
     }
 }
 
-/// `x` [T, K] f32 · `w` [N, K] bf16 (contiguous, CPU) ᵀ -> [T, N] f32.
-fn gemv_bf16(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (t, k) = x.dims2()?;
-    let (n, kw) = w.dims2()?;
-    if k != kw {
-        candle_core::bail!(
-            "linear: input width {k} does not match weight {:?}",
-            w.dims()
-        );
-    }
-    let xv: Vec<f32> = x.flatten_all()?.to_vec1()?; // T*K floats: tiny next to the weight
-    let (storage, layout) = w.storage_and_layout();
-    let wv: &[bf16] = match &*storage {
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            &v[layout.start_offset()..layout.start_offset() + n * k]
-        }
-        _ => candle_core::bail!("linear: bf16 weight copy is not a CPU bf16 tensor"),
-    };
-    let mut y = vec![0f32; t * n];
-    let out = OutPtr(y.as_mut_ptr());
+/// `out` [m, n] (+)= `x` [m, k] f32 · `w` [n, k] bf16 ᵀ: each weight row is read once and
+/// dotted with up to [`GEMV_GROUP`] activation rows at a time.
+fn gemv_bf16(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let out = OutPtr(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    par_ranges(n, n * k * t, |rows| {
-        let mut dots = [0f32; GEMV_MAX_ROWS];
+    par_ranges(n, n * k * m, |rows| {
+        let mut dots = [0f32; GEMV_GROUP];
         for o in rows {
-            let row = &wv[o * k..(o + 1) * k];
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 and FMA were detected at run time; t <= GEMV_MAX_ROWS and
-                // xv holds t rows of k values.
-                unsafe { avx2::dot_rows(row, &xv, k, t, &mut dots) };
-                for (ti, d) in dots[..t].iter().enumerate() {
-                    // SAFETY: o < n, ti < t; each (ti, o) is written once, by this worker only.
-                    unsafe { *out.at(ti * n + o) = *d };
+            let row = &w[o * k..(o + 1) * k];
+            for t0 in (0..m).step_by(GEMV_GROUP) {
+                let g = GEMV_GROUP.min(m - t0);
+                let xg = &x[t0 * k..(t0 + g) * k];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: AVX2 and FMA were detected at run time; g <= GEMV_GROUP and
+                    // xg holds g rows of k values.
+                    unsafe { avx2::dot_rows(row, xg, k, g, &mut dots) };
+                } else {
+                    for (ti, d) in dots[..g].iter_mut().enumerate() {
+                        *d = dot_bf16(row, &xg[ti * k..(ti + 1) * k]);
+                    }
                 }
-                continue;
-            }
-            for ti in 0..t {
-                dots[ti] = dot_bf16(row, &xv[ti * k..(ti + 1) * k]);
-                // SAFETY: as above.
-                unsafe { *out.at(ti * n + o) = dots[ti] };
+                #[cfg(not(target_arch = "x86_64"))]
+                for (ti, d) in dots[..g].iter_mut().enumerate() {
+                    *d = dot_bf16(row, &xg[ti * k..(ti + 1) * k]);
+                }
+                for (ti, d) in dots[..g].iter().enumerate() {
+                    // SAFETY: o < n and t0 + ti < m; each (t, o) is written by this worker only.
+                    unsafe {
+                        let y = out.at((t0 + ti) * n + o);
+                        *y = if accumulate { *y + d } else { *d };
+                    }
+                }
             }
         }
     });
-    drop(storage);
-    Tensor::from_vec(y, (t, n), x.device())
 }
 
 /// Σ w[i]·x[i] with 16 independent f32 accumulators (vectorizes; bf16 → f32 is a shift).
@@ -195,7 +440,7 @@ mod avx2 {
     /// `w.len() >= k`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_rows(w: &[bf16], x: &[f32], k: usize, rows: usize, dots: &mut [f32]) {
-        const MAX: usize = super::GEMV_MAX_ROWS;
+        const MAX: usize = super::GEMV_GROUP;
         let mut acc0 = [_mm256_setzero_ps(); MAX];
         let mut acc1 = [_mm256_setzero_ps(); MAX];
         let wp = w.as_ptr() as *const u16;
@@ -235,34 +480,62 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// Every CPU path (bf16 matrix-vector, bf16 widened gemm, f32 gemm) and epilogue against
+    /// candle's own ops on the same f32 values.
     #[test]
-    fn bf16_gemv_matches_f32_matmul() -> Result<()> {
+    fn cpu_paths_match_candle_ops() -> Result<()> {
         let dev = Device::Cpu;
-        // Weights exactly representable in bf16, as in a bf16 checkpoint.
-        let w = Tensor::randn(0f32, 1.0, (37, 77), &dev)?
-            .to_dtype(DType::BF16)?
-            .to_dtype(DType::F32)?;
-        let b = Tensor::randn(0f32, 1.0, 37, &dev)?;
-        let lin = Linear::from_weight_with(w.clone(), Some(b.clone()), true)?;
-        assert!(lin.weight_bf16.is_some());
-        for t in [1, 2, 3, 4, 5] {
-            let x = Tensor::randn(0f32, 1.0, (t, 77), &dev)?;
-            let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
-            let got = lin.forward(&x)?;
-            let err = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert!(err < 1e-4, "t={t} err={err}");
+        for (n, k) in [(37usize, 77usize), (300, 40), (5, 1100)] {
+            // Weights exactly representable in bf16, as in a bf16 checkpoint.
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            let bf = Linear::from_weight_with(w.clone(), Some(b.clone()), true)?;
+            assert_eq!(bf.weight.dtype(), DType::BF16);
+            let f = Linear::from_weight_with(w.clone(), Some(b.clone()), false)?;
+            assert_eq!(f.weight.dtype(), DType::F32);
+            for t in [1usize, 3, 4, 5, 16, 17, 70] {
+                let x = Tensor::randn(0f32, 1.0, (t, k), &dev)?;
+                let lin = x.matmul(&w.t()?)?.broadcast_add(&b)?;
+                let res = Tensor::randn(0f32, 1.0, (t, n), &dev)?;
+                let cases = [
+                    (Epilogue::Act(Activation::Identity), lin.clone()),
+                    (Epilogue::Act(Activation::Relu2), lin.relu()?.sqr()?),
+                    (Epilogue::Act(Activation::GeluErf), lin.gelu_erf()?),
+                    (Epilogue::Add(&res), (&res + &lin)?),
+                ];
+                for (epi, want) in cases {
+                    let scale = want
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?
+                        .max(1.0);
+                    for layer in [&bf, &f] {
+                        let err = max_abs_diff(&layer.run(&x, epi)?, &want)? / scale;
+                        assert!(err < 1e-5, "n={n} k={k} t={t} rel err {err}");
+                    }
+                }
+            }
+            // Rank-3 input keeps its leading dims.
+            let x = Tensor::randn(0f32, 1.0, (2, 3, k), &dev)?;
+            let y = bf.forward(&x)?;
+            assert_eq!(y.dims(), &[2, 3, n]);
+            let want = f.forward(&x.reshape((6, k))?)?.reshape((2, 3, n))?;
+            assert!(max_abs_diff(&y, &want)? < 1e-3);
         }
-        // Not representable in bf16: no copy, plain f32 path.
+        // Not representable in bf16: stays f32.
         let w = Tensor::randn(0f32, 1.0, (4, 5), &dev)?;
-        assert!(
-            Linear::from_weight_with(w, None, true)?
-                .weight_bf16
-                .is_none()
+        assert_eq!(
+            Linear::from_weight_with(w, None, true)?.weight.dtype(),
+            DType::F32
         );
         Ok(())
     }

@@ -2,6 +2,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub(crate) mod cpu_math;
 pub mod linear;
 pub mod mamba2;
 pub mod mlp;

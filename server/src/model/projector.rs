@@ -2,7 +2,9 @@
 //! ViT patch features → LLM-space embeddings, `tokens_per_tile` per tile.
 
 use candle_core::{D, DType, Module, Result, Tensor, bail};
-use candle_nn::{Linear, VarBuilder, linear_b};
+use candle_nn::VarBuilder;
+
+use super::linear::{Activation, Linear};
 
 /// The checkpoint prefix of the weights [`Projector::load`] expects.
 pub const PROJECTOR_PREFIX: &str = "mlp1";
@@ -54,8 +56,8 @@ impl Projector {
         Ok(Projector {
             norm_weight: vb.get(input, "0.weight")?,
             eps: 1e-5,
-            fc1: linear_b(input, mid, false, vb.pp("1"))?,
-            fc2: linear_b(mid, out, false, vb.pp("3"))?,
+            fc1: Linear::new(input, mid, false, vb.pp("1"))?,
+            fc2: Linear::new(mid, out, false, vb.pp("3"))?,
         })
     }
 
@@ -66,16 +68,24 @@ impl Projector {
 
     /// `[n, tokens, in]` → `[n, tokens, llm_hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.device().with_context(|| {
+            let h = self.fc1.forward_act(&self.norm(x)?, Activation::Relu2)?;
+            self.fc2.forward(&h)
+        })
+    }
+
+    /// RMSNorm as HF: normalize in f32, cast back, then scale.
+    fn norm(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = self.norm_weight.dtype();
-        // RMSNorm as HF: normalize in f32, cast back, then scale.
+        if dtype == DType::F32 && x.dtype() == DType::F32 {
+            // One fused pass (f32 throughout, so the cast is a no-op).
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm_weight, self.eps as f32);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-        let normed = xf
-            .broadcast_div(&rms)?
+        xf.broadcast_div(&rms)?
             .to_dtype(dtype)?
-            .broadcast_mul(&self.norm_weight)?;
-        let h = self.fc1.forward(&normed)?.relu()?.sqr()?;
-        self.fc2.forward(&h)
+            .broadcast_mul(&self.norm_weight)
     }
 }
 

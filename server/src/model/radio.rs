@@ -6,12 +6,16 @@
 //! tensors determine is read from their shapes. Only the head count comes
 //! from the config.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use candle_core::{DType, Device, Module, Result, Tensor, bail};
-use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear_b};
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, bail};
+use candle_nn::{LayerNorm, VarBuilder, layer_norm};
 use serde_json::Value;
+
+use super::cpu_math::softmax_in_place;
+use super::linear::{Activation, Linear, OutPtr, load_compact, par_ranges};
 
 /// The checkpoint prefix of the weights [`RadioEncoder::load`] expects its
 /// `VarBuilder` to point at.
@@ -99,29 +103,131 @@ impl Attention {
             bail!("RADIO hidden size {hidden} is not divisible by {num_heads} heads");
         }
         Ok(Attention {
-            qkv: linear_b(hidden, 3 * hidden, true, vb.pp("qkv"))?,
-            proj: linear_b(hidden, hidden, true, vb.pp("proj"))?,
+            qkv: Linear::new(hidden, 3 * hidden, true, vb.pp("qkv"))?,
+            proj: Linear::new(hidden, hidden, true, vb.pp("proj"))?,
             num_heads,
             head_dim: hidden / num_heads,
         })
     }
 
-    /// Bidirectional attention within each tile: `[n, L, hidden]` → same.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual + proj(attention(x))`, bidirectional within each tile: `[n, L, hidden]`.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (n, l, hidden) = x.dims3()?;
-        // qkv rows are q | k | v, each head-major: [n, L, 3, heads, hd] → [3, n, heads, L, hd].
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((n, l, 3, self.num_heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * (self.head_dim as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // [n, heads, L, L]
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?;
-        self.proj.forward(&out)
+        // qkv rows are q | k | v, each head-major.
+        let qkv = self.qkv.forward(x)?; // [n, L, 3·hidden]
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let (storage, layout) = qkv.storage_and_layout();
+        let out =
+            if let (Storage::Cpu(CpuStorage::F32(data)), true) = (&*storage, qkv.is_contiguous()) {
+                let data = &data[layout.start_offset()..][..n * l * 3 * hidden];
+                let out = attention_cpu(data, n, l, self.num_heads, self.head_dim, scale as f32);
+                Tensor::from_vec(out, (n, l, hidden), qkv.device())?
+            } else {
+                drop(storage);
+                // [n, L, 3, heads, hd] → [3, n, heads, L, hd].
+                let qkv = qkv
+                    .reshape((n, l, 3, self.num_heads, self.head_dim))?
+                    .permute((2, 0, 3, 1, 4))?;
+                let q = (qkv.get(0)?.contiguous()? * scale)?;
+                let k = qkv.get(1)?.contiguous()?;
+                let v = qkv.get(2)?.contiguous()?;
+                let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // [n, heads, L, L]
+                attn.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?
+            };
+        self.proj.forward_add(&out, residual)
     }
+}
+
+/// Query rows per attention work item: bounds the per-thread score scratch (~1 MiB).
+const QUERY_BLOCK: usize = 256;
+
+thread_local! {
+    /// Attention scores of one work item, reused across calls.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Softmax attention straight from the fused qkv rows `[n, L, 3·heads·hd]` (no q/k/v
+/// copies): work items are (tile, head, query block), each two single-threaded gemms with
+/// the softmax in between, on candle's CPU pool. Returns `[n, L, heads·hd]`.
+fn attention_cpu(qkv: &[f32], n: usize, l: usize, heads: usize, hd: usize, scale: f32) -> Vec<f32> {
+    let hidden = heads * hd;
+    let row = 3 * hidden;
+    assert_eq!(qkv.len(), n * l * row);
+    let blocks = l.div_ceil(QUERY_BLOCK);
+    let qb = l.div_ceil(blocks);
+    let mut out = vec![0f32; n * l * hidden];
+    let dst = OutPtr(out.as_mut_ptr());
+    par_ranges(n * heads * blocks, n * heads * l * l * hd, |items| {
+        SCORES.with_borrow_mut(|s| {
+            s.resize(qb * l, 0.0);
+            for item in items {
+                let (tile, rest) = (item / (heads * blocks), item % (heads * blocks));
+                let (head, r0) = (rest / blocks, (rest % blocks) * qb);
+                let rows = qb.min(l - r0);
+                let base = tile * l * row + head * hd;
+                let (q, k, v) = (
+                    &qkv[base + r0 * row..],
+                    &qkv[base + hidden..],
+                    &qkv[base + 2 * hidden..],
+                );
+                // SAFETY (both gemms): every operand lies inside `qkv` (tile < n, head <
+                // heads, r0 + rows <= l), `s` holds rows·l floats, and this item alone writes
+                // rows r0..r0+rows, columns head·hd.. of tile `tile` of `out`.
+                unsafe {
+                    // s [rows, L] = scale · q [rows, hd] · kᵀ [hd, L]
+                    gemm::gemm(
+                        rows,
+                        l,
+                        hd,
+                        s.as_mut_ptr(),
+                        1,
+                        l as isize,
+                        false,
+                        q.as_ptr(),
+                        1,
+                        row as isize,
+                        k.as_ptr(),
+                        row as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for r in s[..rows * l].chunks_exact_mut(l) {
+                    softmax_in_place(r);
+                }
+                unsafe {
+                    // out [rows, hd] = s [rows, L] · v [L, hd]
+                    gemm::gemm(
+                        rows,
+                        hd,
+                        l,
+                        dst.at((tile * l + r0) * hidden + head * hd),
+                        1,
+                        hidden as isize,
+                        false,
+                        s.as_ptr(),
+                        1,
+                        l as isize,
+                        v.as_ptr(),
+                        1,
+                        row as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        })
+    });
+    out
 }
 
 /// Pre-LN timm block: `x += attn(norm1(x)); x += fc2(gelu(fc1(norm2(x))))`.
@@ -139,23 +245,29 @@ impl Block {
             norm1: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("norm1"))?,
             attn: Attention::new(hidden, cfg.num_heads, vb.pp("attn"))?,
             norm2: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("norm2"))?,
-            fc1: linear_b(hidden, mlp, true, vb.pp("mlp.fc1"))?,
-            fc2: linear_b(mlp, hidden, true, vb.pp("mlp.fc2"))?,
+            fc1: Linear::new(hidden, mlp, true, vb.pp("mlp.fc1"))?,
+            fc2: Linear::new(mlp, hidden, true, vb.pp("mlp.fc2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
-        x + self.fc2.forward(&h)?
+        // Bias, GELU and the residual adds happen inside the linear layers.
+        let x = self.attn.forward_add(&self.norm1.forward(x)?, x)?;
+        let h = self
+            .fc1
+            .forward_act(&self.norm2.forward(&x)?, Activation::GeluErf)?;
+        self.fc2.forward_add(&h, &x)
     }
 }
 
 /// The RADIO vision encoder.
 pub struct RadioEncoder {
     embedder: Linear,
-    /// `[G·G, hidden]`, the checkpoint's position grid, row-major.
+    /// `[G·G, hidden]`, the checkpoint's position grid, row-major (kept as stored when
+    /// that is BF16: it is only read to build `pos_cache`).
     pos_embed: Tensor,
+    /// The compute dtype.
+    dtype: DType,
     /// `[P, hidden]` cls + register tokens.
     prefix_tokens: Tensor,
     blocks: Vec<Block>,
@@ -185,9 +297,10 @@ impl RadioEncoder {
         if 3 * patch_size * patch_size != patch_dim {
             bail!("patch_generator.embedder.weight width {patch_dim} is not 3·p·p");
         }
-        let embedder = linear_b(patch_dim, hidden, false, pg.pp("embedder"))?;
+        let embedder = Linear::new(patch_dim, hidden, false, pg.pp("embedder"))?;
 
-        let pos = shape_of("pos_embed")?; // [1, G·G, hidden]
+        let pos_embed = load_compact(&pg, "pos_embed", None)?;
+        let pos = pos_embed.dims().to_vec(); // [1, G·G, hidden]
         let pos_grid = match pos[..] {
             [1, gg, h] if h == hidden => (gg as f64).sqrt().round() as usize,
             _ => bail!("patch_generator.pos_embed has shape {pos:?}, expected [1, G·G, {hidden}]"),
@@ -198,9 +311,7 @@ impl RadioEncoder {
                 pos[1]
             );
         }
-        let pos_embed = pg
-            .get((1, pos_grid * pos_grid, hidden), "pos_embed")?
-            .squeeze(0)?;
+        let pos_embed = pos_embed.squeeze(0)?;
 
         let prefix = shape_of("cls_token.token")?; // [P, hidden]
         let num_prefix = match prefix[..] {
@@ -224,6 +335,7 @@ impl RadioEncoder {
         let encoder = RadioEncoder {
             embedder,
             pos_embed,
+            dtype: pg.dtype(),
             prefix_tokens,
             blocks,
             patch_size,
@@ -256,6 +368,11 @@ impl RadioEncoder {
     /// `[n, 3, H, W]` normalized tiles → `[n, (H/p)·(W/p), hidden]` patch features
     /// (prefix tokens dropped). Tiles never attend to each other.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        // On CPU: inside candle's warm pool, where gemm finds its worker threads.
+        pixels.device().with_context(|| self.forward_inner(pixels))
+    }
+
+    fn forward_inner(&self, pixels: &Tensor) -> Result<Tensor> {
         let (n, c, height, width) = pixels.dims4()?;
         let p = self.patch_size;
         if c != 3
@@ -270,7 +387,7 @@ impl RadioEncoder {
             );
         }
         let (h, w) = (height / p, width / p);
-        let dtype = self.pos_embed.dtype();
+        let dtype = self.dtype;
 
         // im2patches: [n, 3, h·p, w·p] → [n, h·w, 3·p·p], features in (c, yy, xx) order.
         let patches = pixels
@@ -305,15 +422,29 @@ impl RadioEncoder {
         {
             return Ok(t);
         }
-        let g = self.pos_grid;
-        let grid: Vec<f32> = self
-            .pos_embed
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let data = cpe_position_embeddings(&grid, g, self.hidden, h, w);
+        let (g, hidden) = (self.pos_grid, self.hidden);
+        // Read the grid where it is, in its stored dtype: converting all of it to f32 would
+        // briefly take more memory than the whole vision encoder's weights.
+        let grid = self.pos_embed.to_device(&Device::Cpu)?.contiguous()?;
+        let data = {
+            let (storage, layout) = grid.storage_and_layout();
+            let n = g * g * hidden;
+            match &*storage {
+                Storage::Cpu(CpuStorage::F32(v)) => {
+                    cpe_position_embeddings(&v[layout.start_offset()..][..n], g, hidden, h, w)
+                }
+                Storage::Cpu(CpuStorage::BF16(v)) => {
+                    cpe_position_embeddings(&v[layout.start_offset()..][..n], g, hidden, h, w)
+                }
+                _ => {
+                    drop(storage);
+                    let v: Vec<f32> = grid.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    cpe_position_embeddings(&v, g, hidden, h, w)
+                }
+            }
+        };
         let t = Tensor::from_vec(data, (1, h * w, self.hidden), &Device::Cpu)?
-            .to_dtype(self.pos_embed.dtype())?
+            .to_dtype(self.dtype)?
             .to_device(self.pos_embed.device())?;
         if let Ok(mut cache) = self.pos_cache.write() {
             cache.insert((h, w), t.clone());
@@ -326,7 +457,16 @@ impl RadioEncoder {
 /// `[G·G, hidden]`) to m×m with m = max(h, w), as torch
 /// `F.interpolate(mode="bilinear", align_corners=False)` does, then keep the
 /// top-left h×w window. Returns `[h·w, hidden]` row-major.
-fn cpe_position_embeddings(grid: &[f32], g: usize, hidden: usize, h: usize, w: usize) -> Vec<f32> {
+fn cpe_position_embeddings<T: Copy>(
+    grid: &[T],
+    g: usize,
+    hidden: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32>
+where
+    f32: From<T>,
+{
     let m = h.max(w);
     let taps = bilinear_taps(g, m);
     let mut out = vec![0.0f32; h * w * hidden];
@@ -340,7 +480,13 @@ fn cpe_position_embeddings(grid: &[f32], g: usize, hidden: usize, h: usize, w: u
             let dst = &mut out[(y * w + x) * hidden..(y * w + x + 1) * hidden];
             for k in 0..hidden {
                 // torch's order: height weights outside, width weights inside.
-                dst[k] = ly0 * (lx0 * a[k] + lx1 * b[k]) + ly1 * (lx0 * c[k] + lx1 * d[k]);
+                let (a, b, c, d) = (
+                    f32::from(a[k]),
+                    f32::from(b[k]),
+                    f32::from(c[k]),
+                    f32::from(d[k]),
+                );
+                dst[k] = ly0 * (lx0 * a + lx1 * b) + ly1 * (lx0 * c + lx1 * d);
             }
         }
     }
@@ -435,6 +581,32 @@ mod tests {
         assert_eq!(full, vec![5.5, 7.5, 25.5, 27.5]);
         let wide = cpe_position_embeddings(&grid, 4, 1, 1, 2); // m = 2, keep row 0
         assert_eq!(wide, vec![5.5, 7.5]);
+    }
+
+    /// The fused CPU attention against the plain tensor-op formula, with several query
+    /// blocks per head (L > QUERY_BLOCK) and two tiles.
+    #[test]
+    fn cpu_attention_matches_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, l, heads, hd) = (2usize, QUERY_BLOCK + 37, 3usize, 8usize);
+        let hidden = heads * hd;
+        let qkv = Tensor::randn(0f32, 1.0, (n, l, 3 * hidden), &dev)?;
+        let scale = (hd as f64).powf(-0.5);
+        let data: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
+        let got = attention_cpu(&data, n, l, heads, hd, scale as f32);
+        let got = Tensor::from_vec(got, (n, l, hidden), &dev)?;
+
+        let qkv = qkv
+            .reshape((n, l, 3, heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * scale)?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let p = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let want = p.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?;
+        let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "max abs error {err}");
+        Ok(())
     }
 
     #[test]
