@@ -7,6 +7,7 @@ use kube::runtime::events::{Recorder, Reporter};
 
 use crate::metrics::Metrics;
 use crate::probe::{ChatClient, HyperChatClient, Prober};
+use crate::scope::Scope;
 
 /// Shared by every reconcile: the API client, the event recorder, metrics, and the per-object
 /// failure counts that drive the retry backoff.
@@ -19,6 +20,8 @@ pub struct Context {
     pub prober: Prober,
     /// Whether the ServiceMonitor API exists.
     pub service_monitors: Discovery,
+    /// The namespaces the operator may touch; the nv-ingest wiring stays inside them.
+    pub scope: Scope,
 }
 
 /// Probes in flight at once across all captioners.
@@ -37,7 +40,14 @@ impl Context {
             backoff: Backoff::default(),
             prober: Prober::new(Arc::new(HyperChatClient::default()), PROBE_CONCURRENCY),
             service_monitors: Discovery::default(),
+            scope: Scope::Cluster,
         }
+    }
+
+    /// The same, limited to the watched namespaces (`--namespace`).
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
     }
 
     /// The same, probing through `chat` (a fake in tests).

@@ -1,16 +1,17 @@
-//! Wires the reconcile into a kube `Controller`: the captioners, their children, and the
-//! Secrets they reference.
-
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+//! Wires the reconcile into a kube `Controller`: the captioners, their children, the Secrets
+//! they reference, the nv-ingest copies they published and the namespaces they select.
 
 use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::{Future, FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -19,12 +20,13 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::builders::MANAGED_BY;
+use crate::builders::{MANAGED_BY, OWNER_NAME_LABEL};
 use crate::context::Context;
 use crate::crd::VlmCaptioner;
 use crate::inputs::references_secret;
 use crate::reconcile::{error_policy, reconcile};
-use crate::wiring::selects_namespace;
+use crate::scope::Scope;
+use crate::wiring::{owner_of, selects_namespace};
 
 /// Which namespaces to watch, and how many captioners to reconcile at once.
 #[derive(Clone, Debug, Default)]
@@ -36,21 +38,36 @@ pub struct Options {
 }
 
 impl Options {
-    /// One watch scope per namespace, or `None` for all namespaces.
-    pub fn scopes(&self) -> Vec<Option<String>> {
-        let mut namespaces: Vec<String> = self
-            .namespaces
-            .iter()
-            .map(|n| n.trim().to_string())
-            .filter(|n| !n.is_empty())
-            .collect();
-        namespaces.sort();
-        namespaces.dedup();
-        if namespaces.is_empty() {
-            vec![None]
-        } else {
-            namespaces.into_iter().map(Some).collect()
+    pub fn scope(&self) -> Scope {
+        Scope::from_namespaces(&self.namespaces)
+    }
+}
+
+type Requests = mpsc::UnboundedReceiver<ObjectRef<VlmCaptioner>>;
+
+/// Delivers reconcile requests that come from outside a controller's own watches (probe
+/// outcomes, events on published objects) to the controller whose scope holds the captioner:
+/// a controller can only reconcile what is in its own cache.
+#[derive(Clone, Debug)]
+pub struct Router(Arc<BTreeMap<Option<String>, mpsc::UnboundedSender<ObjectRef<VlmCaptioner>>>>);
+
+impl Router {
+    /// One route per watch scope (`None`: all namespaces), and the receiving end of each.
+    pub fn new(scopes: &[Option<String>]) -> (Self, Vec<Requests>) {
+        let mut routes = BTreeMap::new();
+        let mut receivers = Vec::new();
+        for scope in scopes {
+            let (tx, rx) = mpsc::unbounded_channel();
+            routes.insert(scope.clone(), tx);
+            receivers.push(rx);
         }
+        (Self(Arc::new(routes)), receivers)
+    }
+
+    /// False when no controller watches the captioner's namespace (the request is dropped).
+    pub fn send(&self, r: ObjectRef<VlmCaptioner>) -> bool {
+        let route = self.0.get(&r.namespace).or_else(|| self.0.get(&None));
+        route.is_some_and(|tx| tx.send(r).is_ok())
     }
 }
 
@@ -63,32 +80,43 @@ pub async fn run(
     ready: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let ctx = Arc::new(Context::new(client.clone(), opts.instance.clone()));
+    let scope = opts.scope();
+    let ctx =
+        Arc::new(Context::new(client.clone(), opts.instance.clone()).with_scope(scope.clone()));
     let shutdown = shutdown.shared();
-    let scopes = opts.scopes();
+    let scopes = scope.watch_scopes();
 
-    // Probe outcomes arrive on one channel: route each to its namespace's controller.
-    let mut routes = BTreeMap::new();
-    let mut triggers = Vec::new();
-    for scope in &scopes {
-        let (tx, rx) = mpsc::unbounded_channel::<ObjectRef<VlmCaptioner>>();
-        routes.insert(scope.clone(), tx);
-        triggers.push(rx);
-    }
+    let (router, requests) = Router::new(&scopes);
     if let Some(mut rx) = ctx.prober.take_triggers() {
+        let router = router.clone();
         tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
-                let route = routes.get(&r.namespace).or_else(|| routes.get(&None));
-                if let Some(tx) = route {
-                    let _ = tx.send(r);
-                }
+                router.send(r);
             }
         });
     }
+    // The nv-ingest copies live in other namespaces than their owner, maybe in another
+    // scope's (namespaced mode), so their events go through the router.
+    let mut published = Vec::new();
+    for ns in scopes.iter().map(Option::as_deref) {
+        published.push(tokio::spawn(watch_published(
+            api::<PartialObjectMeta<ConfigMap>>(&client, ns),
+            router.clone(),
+        )));
+        published.push(tokio::spawn(watch_published(
+            api::<PartialObjectMeta<Secret>>(&client, ns),
+            router.clone(),
+        )));
+        published.push(tokio::spawn(watch_published(
+            api::<PartialObjectMeta<Service>>(&client, ns),
+            router.clone(),
+        )));
+    }
+    drop(router);
 
     let mut stores = Vec::new();
     let mut controllers = Vec::new();
-    for (scope, triggers) in scopes.into_iter().zip(triggers) {
+    for (scope, requests) in scopes.into_iter().zip(requests) {
         let controller = Controller::new(
             api::<VlmCaptioner>(&client, scope.as_deref()),
             watcher::Config::default().any_semantic(),
@@ -99,7 +127,7 @@ pub async fn run(
             controller,
             client.clone(),
             scope,
-            triggers,
+            requests,
             ctx.clone(),
             shutdown.clone(),
         ));
@@ -112,14 +140,41 @@ pub async fn run(
         }
     });
     futures::future::join_all(controllers).await;
+    for task in published {
+        task.abort();
+    }
     info!("controller stopped");
+}
+
+/// Wakes the owner of a published nv-ingest object when the object changes or goes away, so
+/// drift or a deletion is repaired at once rather than at the next resync. Metadata only, and
+/// only objects carrying the ownership label.
+pub async fn watch_published<K>(api: Api<PartialObjectMeta<K>>, router: Router)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let config = watcher::Config::default().labels(OWNER_NAME_LABEL);
+    let mut events = watcher(api, config)
+        .default_backoff()
+        .touched_objects()
+        .boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(meta) => {
+                if let Some(owner) = owner_of(&meta.metadata) {
+                    router.send(owner);
+                }
+            }
+            Err(e) => warn!(error = %e, kind = %K::kind(&()), "published-object watch"),
+        }
+    }
 }
 
 async fn run_scope(
     controller: Controller<VlmCaptioner>,
     client: Client,
     scope: Option<String>,
-    probe_triggers: mpsc::UnboundedReceiver<ObjectRef<VlmCaptioner>>,
+    requests: Requests,
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -127,19 +182,26 @@ async fn run_scope(
     let store = controller.store();
     let children =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    // A chat probe whose outcome changed re-reconciles its captioner.
-    let probe_triggers = futures::stream::unfold(probe_triggers, |mut rx| async move {
+    // Routed requests: a chat probe whose outcome changed, a published object that changed.
+    let requests = futures::stream::unfold(requests, |mut rx| async move {
         rx.recv().await.map(|r| (r, rx))
     });
-    let mut controller = controller.reconcile_on(probe_triggers);
+    let mut controller = controller.reconcile_on(requests);
     // nv-ingest namespaces chosen by label: a namespace appearing or relabelled re-wires.
-    // Namespaces are cluster-scoped, so only in the all-namespaces mode.
+    // Namespaces are cluster-scoped, so only in the all-namespaces mode (a namespaced operator
+    // refuses `namespaceSelector`). Metadata only: names and labels are all that matter.
     if ns.is_none() {
         let ns_store = store.clone();
         controller = controller.watches(
-            Api::<Namespace>::all(client.clone()),
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
             watcher::Config::default().any_semantic(),
-            move |n| captioners_for_namespace(&ns_store, &n),
+            move |meta| {
+                let namespace = Namespace {
+                    metadata: meta.metadata,
+                    ..Namespace::default()
+                };
+                captioners_for_namespace(&ns_store, &namespace)
+            },
         );
     }
     // Secrets by metadata only: no cache of every Secret's data; the reconcile GETs the few
@@ -233,12 +295,103 @@ mod tests {
     #[test]
     fn scopes_are_all_namespaces_or_each_listed_one() {
         let all = Options::default();
-        assert_eq!(all.scopes(), [None]);
+        assert_eq!(all.scope().watch_scopes(), [None]);
         let listed = Options {
             namespaces: vec!["b".into(), " a ".into(), "b".into(), "".into()],
             ..Options::default()
         };
-        assert_eq!(listed.scopes(), [Some("a".into()), Some("b".into())]);
+        assert_eq!(
+            listed.scope().watch_scopes(),
+            [Some("a".into()), Some("b".into())]
+        );
+    }
+
+    #[test]
+    fn the_router_delivers_to_the_scope_holding_the_captioner() {
+        let (router, mut rx) = Router::new(&[Some("a".into()), Some("b".into())]);
+        assert!(router.send(ObjectRef::new("cap").within("b")));
+        assert!(!router.send(ObjectRef::new("cap").within("elsewhere")));
+        assert!(rx[0].try_recv().is_err());
+        assert_eq!(
+            rx[1].try_recv().ok(),
+            Some(ObjectRef::new("cap").within("b"))
+        );
+        assert!(rx[1].try_recv().is_err(), "the unknown one was dropped");
+
+        let (all, mut rx) = Router::new(&[None]);
+        assert!(all.send(ObjectRef::new("cap").within("anywhere")));
+        assert_eq!(
+            rx[0].try_recv().ok(),
+            Some(ObjectRef::new("cap").within("anywhere"))
+        );
+    }
+
+    /// The published-object watch lists by the ownership label, metadata only, and wakes the
+    /// owner its labels name (here in another scope than the object).
+    #[tokio::test]
+    async fn a_published_object_event_wakes_its_owner() {
+        let (svc, mut handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = Client::new(svc, "default");
+        let (router, mut rx) = Router::new(&[Some("nv".into()), Some("ingest-a".into())]);
+        let watch = tokio::spawn(watch_published(
+            api::<PartialObjectMeta<ConfigMap>>(&client, Some("ingest-a")),
+            router,
+        ));
+        let (req, send) = handle.next_request().await.expect("the initial list");
+        let uri = req.uri().to_string();
+        assert!(
+            uri.starts_with("/api/v1/namespaces/ingest-a/configmaps?"),
+            "{uri}"
+        );
+        assert!(
+            uri.contains("labelSelector=captioning.dev%2Fowner-name"),
+            "{uri}"
+        );
+        let accept = req.headers().get(http::header::ACCEPT).cloned();
+        assert!(
+            accept
+                .and_then(|a| a.to_str().ok().map(str::to_string))
+                .is_some_and(|a| a.contains("as=PartialObjectMetadataList")),
+            "metadata only"
+        );
+        let meta = |name: &str, labels: serde_json::Value| {
+            serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": {"name": name, "namespace": "ingest-a", "resourceVersion": "5",
+                    "labels": labels}})
+        };
+        let list = serde_json::json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+            "metadata": {"resourceVersion": "5"},
+            "items": [
+                meta("cap-nv-ingest", serde_json::json!({
+                    "captioning.dev/owner-namespace": "nv",
+                    "captioning.dev/owner-name": "cap",
+                    "app.kubernetes.io/managed-by": "vlm-operator"})),
+                // An owner-name label, but not managed by us: wakes nobody.
+                meta("lookalike", serde_json::json!({
+                    "captioning.dev/owner-namespace": "nv",
+                    "captioning.dev/owner-name": "other"})),
+            ],
+        });
+        send.send_response(
+            http::Response::builder()
+                .body(kube::client::Body::from(
+                    serde_json::to_vec(&list).expect("list serializes"),
+                ))
+                .expect("response"),
+        );
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(1), rx[0].recv())
+            .await
+            .expect("a reconcile request in time");
+        assert_eq!(woken, Some(ObjectRef::new("cap").within("nv")));
+        // The watch that follows the list is left unanswered.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(rx[0].try_recv().is_err(), "the lookalike woke nobody");
+        assert!(rx[1].try_recv().is_err());
+        watch.abort();
     }
 
     #[tokio::test]

@@ -333,7 +333,8 @@ pub struct VlmCaptionerStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing` and `Degraded`.
+    /// `Ready`, `Progressing`, `Degraded`, the kstatus pair `Reconciling` and `Stalled`, and
+    /// `ModelReady`, `ChatReady`, `NvIngestWired` where they apply.
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

@@ -13,7 +13,7 @@ use crate::builders::{
 };
 use crate::crd::{DownloadSource, VlmCaptioner, VlmCaptionerStatus};
 use crate::error::{Error, Result};
-use crate::status::{self, PROGRESSING, Problem};
+use crate::status::{self, Notice, PROGRESSING, Problem};
 
 pub const MODEL_READY: &str = "ModelReady";
 
@@ -248,11 +248,86 @@ pub fn set_conditions(
     }
 }
 
+/// Events when `ModelReady` changes: `Downloading` when a download starts (or starts over),
+/// `Downloaded` when the weights are in place. A failed or blocked download is already a
+/// Warning with the same reason, through `Degraded`.
+pub fn transitions(old: Option<&VlmCaptionerStatus>, new: &VlmCaptionerStatus) -> Vec<Notice> {
+    let find = |s: Option<&VlmCaptionerStatus>| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == MODEL_READY))
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let (Some((status, why, note)), old) = (find(Some(new)), find(old)) else {
+        return Vec::new();
+    };
+    if old.is_some_and(|(s, r, _)| (s, r) == (status.clone(), why.clone())) {
+        return Vec::new();
+    }
+    match why.as_str() {
+        reason::DOWNLOADED | reason::DOWNLOADING => vec![Notice {
+            warning: false,
+            reason: why,
+            note,
+        }],
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+    use k8s_openapi::jiff::Timestamp;
 
     use super::*;
+
+    fn with_model(state: &ModelState, prev: Option<&VlmCaptionerStatus>) -> VlmCaptionerStatus {
+        let mut c: VlmCaptioner = serde_json::from_value(serde_json::json!({
+            "apiVersion": "captioning.dev/v1alpha1", "kind": "VlmCaptioner",
+            "metadata": {"name": "cap", "namespace": "nv", "generation": 1},
+            "spec": {"model": {"download": {}}},
+        }))
+        .unwrap();
+        c.status = prev.cloned();
+        let mut new = VlmCaptionerStatus::default();
+        let now = Time(Timestamp::from_second(1).unwrap());
+        set_conditions(&c, Some(state), &mut new, &now);
+        new
+    }
+
+    #[test]
+    fn model_ready_changes_are_events_once() {
+        let reasons = |n: Vec<Notice>| n.into_iter().map(|n| n.reason).collect::<Vec<_>>();
+        let started = with_model(&ModelState::Downloading("started".into()), None);
+        assert_eq!(reasons(transitions(None, &started)), [reason::DOWNLOADING]);
+        // Still downloading, in other words: no new event.
+        let running = with_model(&ModelState::Downloading("running".into()), Some(&started));
+        assert!(transitions(Some(&started), &running).is_empty());
+        let done = with_model(&ModelState::Ready("on the PVC".into()), Some(&running));
+        let n = transitions(Some(&running), &done);
+        assert_eq!(
+            n,
+            [Notice {
+                warning: false,
+                reason: reason::DOWNLOADED.into(),
+                note: "on the PVC".into()
+            }]
+        );
+        assert!(transitions(Some(&done), &done).is_empty());
+        // A new revision starts over.
+        let again = with_model(&ModelState::Downloading("replacing".into()), Some(&done));
+        assert_eq!(
+            reasons(transitions(Some(&done), &again)),
+            [reason::DOWNLOADING]
+        );
+        // Failures are reported through Degraded's Warning, not twice.
+        let failed = with_model(
+            &ModelState::Failed(Problem {
+                reason: reason::DOWNLOAD_FAILED,
+                message: "boom".into(),
+            }),
+            Some(&again),
+        );
+        assert!(transitions(Some(&again), &failed).is_empty());
+    }
 
     fn job(status: JobStatus) -> Job {
         Job {

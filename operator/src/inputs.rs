@@ -125,7 +125,7 @@ pub fn hash_keys(values: &[(&str, &str, &[u8])]) -> String {
     format!("{:x}", h.finalize())
 }
 
-fn merge(problems: Vec<Problem>) -> Option<Problem> {
+pub(crate) fn merge(problems: Vec<Problem>) -> Option<Problem> {
     let reason = problems.first()?.reason;
     let message = problems
         .iter()

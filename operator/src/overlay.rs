@@ -3,9 +3,10 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{ChatProbeStatus, NvIngestStatus, VlmCaptioner, VlmCaptionerStatus};
+use crate::crd::{ChatProbeStatus, VlmCaptioner, VlmCaptionerStatus};
 use crate::probe::{Outcome, Verdict};
 use crate::status::{Notice, READY, condition, reason};
+use crate::wiring::Wiring;
 
 pub const CHAT_READY: &str = "ChatReady";
 pub const NV_INGEST_WIRED: &str = "NvIngestWired";
@@ -23,7 +24,7 @@ pub fn overlay(
     c: &VlmCaptioner,
     status: &mut VlmCaptionerStatus,
     chat: &Chat,
-    wiring: Option<NvIngestStatus>,
+    wiring: Option<Wiring>,
     now: &Time,
 ) {
     let generation = c.metadata.generation;
@@ -99,21 +100,25 @@ pub fn overlay(
         });
     }
 
-    if let Some(w) = wiring {
-        let wired = if w.conflicts.is_empty() {
-            cond(
+    if let Some(Wiring { status: w, refused }) = wiring {
+        let conflicts = (!w.conflicts.is_empty())
+            .then(|| format!("not ours, left alone: {}", w.conflicts.join(", ")));
+        let wired = match (refused, conflicts) {
+            // What the operator's scope refuses comes first: no retry will fix it.
+            (Some(r), conflicts) => {
+                let message = match conflicts {
+                    Some(c) => format!("{}; {c}", r.message),
+                    None => r.message,
+                };
+                cond(NV_INGEST_WIRED, false, r.reason, message)
+            }
+            (None, Some(c)) => cond(NV_INGEST_WIRED, false, reason::NV_INGEST_CONFLICT, c),
+            (None, None) => cond(
                 NV_INGEST_WIRED,
                 true,
                 reason::PUBLISHED,
                 format!("published to {} namespace(s)", w.wired_namespaces.len()),
-            )
-        } else {
-            cond(
-                NV_INGEST_WIRED,
-                false,
-                reason::NV_INGEST_CONFLICT,
-                format!("not ours, left alone: {}", w.conflicts.join(", ")),
-            )
+            ),
         };
         // Nothing configured and nothing left to clean: no condition at all.
         if c.spec.nv_ingest.is_some() || !w.wired_namespaces.is_empty() || !w.conflicts.is_empty() {
@@ -171,7 +176,8 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
-    use crate::status::PROGRESSING;
+    use crate::crd::NvIngestStatus;
+    use crate::status::{PROGRESSING, Problem};
     use crate::test_support::captioner;
 
     fn t(secs: i64) -> Time {
@@ -266,9 +272,12 @@ mod tests {
         c.spec.nv_ingest =
             serde_json::from_value(serde_json::json!({"namespaces": ["a"]})).unwrap();
         let mut s = ready_status();
-        let w = NvIngestStatus {
-            wired_namespaces: vec![],
-            conflicts: vec!["a/Service/nemotron-nano-12b-v2-vl".into()],
+        let w = Wiring {
+            status: NvIngestStatus {
+                wired_namespaces: vec![],
+                conflicts: vec!["a/Service/nemotron-nano-12b-v2-vl".into()],
+            },
+            refused: None,
         };
         overlay(&c, &mut s, &Chat::Disabled, Some(w), &t(2));
         let wired = get(&s, NV_INGEST_WIRED);
@@ -280,5 +289,36 @@ mod tests {
         let n = transitions(Some(&ready_status()), &s);
         assert_eq!(n.len(), 1);
         assert_eq!(n[0].reason, reason::NV_INGEST_CONFLICT);
+    }
+
+    #[test]
+    fn a_refused_target_says_why_before_any_conflict() {
+        let mut c = captioner();
+        c.spec.nv_ingest =
+            serde_json::from_value(serde_json::json!({"namespaces": ["a", "far"]})).unwrap();
+        let mut s = ready_status();
+        let w = Wiring {
+            status: NvIngestStatus {
+                wired_namespaces: vec![],
+                conflicts: vec!["a/Service/x".into()],
+            },
+            refused: Some(Problem {
+                reason: reason::NAMESPACE_NOT_WATCHED,
+                message: "not wired: far".into(),
+            }),
+        };
+        overlay(&c, &mut s, &Chat::Disabled, Some(w), &t(2));
+        let wired = get(&s, NV_INGEST_WIRED);
+        assert_eq!(
+            (wired.status.as_str(), wired.reason.as_str()),
+            ("False", reason::NAMESPACE_NOT_WATCHED)
+        );
+        assert_eq!(
+            wired.message,
+            "not wired: far; not ours, left alone: a/Service/x"
+        );
+        let n = transitions(Some(&ready_status()), &s);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].reason, reason::NAMESPACE_NOT_WATCHED);
     }
 }

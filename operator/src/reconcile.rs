@@ -27,6 +27,7 @@ use crate::crd::{FIELD_MANAGER, SERVICE_PORT, VlmCaptioner, VlmCaptionerStatus};
 use crate::download;
 use crate::error::{Error, Result};
 use crate::inputs::{self, Inputs};
+use crate::kstatus;
 use crate::overlay::{self, Chat};
 use crate::probe::{self, ProbeTarget};
 use crate::status::{self, Notice};
@@ -81,7 +82,7 @@ fn flatten(e: finalizer::Error<Error>) -> Error {
 
 /// Removes what was published in other namespaces; the owned children go with the owner.
 async fn cleanup(c: Arc<VlmCaptioner>, ctx: &Context) -> Result<Action> {
-    wiring::remove_all(&c, &ctx.client).await?;
+    wiring::remove_all(&c, &ctx.client, &ctx.scope).await?;
     ctx.prober.forget(&ObjectRef::from_obj(c.as_ref()));
     info!(captioner = %key(&c), "removed the nv-ingest wiring");
     Ok(Action::await_change())
@@ -123,7 +124,7 @@ async fn apply_all(c: Arc<VlmCaptioner>, ctx: &Context) -> Result<Action> {
     service_monitor(ctx, &c, &ns).await?;
 
     let wiring = if needs_finalizer(&c) {
-        wiring::sync(&c, &ctx.client, inputs.first_key.as_ref()).await?
+        wiring::sync(&c, &ctx.client, &ctx.scope, inputs.first_key.as_ref()).await?
     } else {
         None
     };
@@ -133,11 +134,13 @@ async fn apply_all(c: Arc<VlmCaptioner>, ctx: &Context) -> Result<Action> {
     let mut new = status::desired_status(&c, problem.as_ref(), deployment.as_ref(), &now);
     download::set_conditions(&c, model.as_ref(), &mut new, &now);
     overlay::overlay(&c, &mut new, &chat, wiring, &now);
+    kstatus::set_conditions(&c, &mut new, &now);
     if c.status.as_ref() != Some(&new) {
         patch_status(ctx, &ns, &name, &new).await?;
         // Events only for transitions that are now recorded in the status.
         let mut notices = status::transitions(c.status.as_ref(), &new);
         notices.extend(overlay::transitions(c.status.as_ref(), &new));
+        notices.extend(download::transitions(c.status.as_ref(), &new));
         publish(ctx, &c, &notices).await;
     }
 

@@ -37,6 +37,12 @@ pub mod reason {
     // nv-ingest wiring (`NvIngestWired`).
     pub const PUBLISHED: &str = "Published";
     pub const NV_INGEST_CONFLICT: &str = "NvIngestConflict";
+    pub const NAMESPACE_SELECTOR_UNSUPPORTED: &str = "NamespaceSelectorUnsupported";
+    pub const NAMESPACE_NOT_WATCHED: &str = "NamespaceNotWatched";
+    // kstatus (`Reconciling`, `Stalled`; see `kstatus.rs`). `Stalled=True` and
+    // `Reconciling=True` copy the reason of the condition that causes them.
+    pub const RECONCILED: &str = "Reconciled";
+    pub const BLOCKED: &str = "Blocked";
 }
 
 /// Something the user has to fix before the server can run (a missing Secret, key or PVC).
@@ -237,8 +243,11 @@ pub fn transitions(old: Option<&VlmCaptionerStatus>, new: &VlmCaptionerStatus) -
         }),
         _ => {}
     }
+    // A model download also sets Progressing (and has its own event); a rollout is RollingOut.
+    let rolling_out =
+        |c: Option<&Condition>| is_true(c) && c.is_some_and(|c| c.reason == reason::ROLLING_OUT);
     let (old_prog, new_prog) = (find(old, PROGRESSING), find(Some(new), PROGRESSING));
-    if !is_true(old_prog) && is_true(new_prog) {
+    if !rolling_out(old_prog) && rolling_out(new_prog) {
         notices.push(Notice {
             warning: false,
             reason: reason::ROLLING_OUT.into(),

@@ -15,6 +15,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::{Value, json};
 use vlm_operator::crd::VlmCaptioner;
+use vlm_operator::scope::Scope;
 use vlm_operator::{Context, reconcile};
 
 use crate::fixtures::FakeChat;
@@ -53,13 +54,20 @@ impl Cluster {
 
     /// A context talking to a fresh fake cluster; ServiceMonitor discovery is left to run.
     pub fn start(chat: Arc<FakeChat>) -> (Arc<Context>, Cluster) {
+        Self::start_in(chat, Scope::Cluster)
+    }
+
+    /// The same, for an operator limited to `scope` (namespaced mode).
+    pub fn start_in(chat: Arc<FakeChat>, scope: Scope) -> (Arc<Context>, Cluster) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let cluster = Cluster(Arc::new(Mutex::new(State {
             pods_ready: true,
             ..State::default()
         })));
         tokio::spawn(serve(handle, cluster.clone()));
-        let ctx = Context::new(Client::new(service, "default"), None).with_chat_client(chat);
+        let ctx = Context::new(Client::new(service, "default"), None)
+            .with_chat_client(chat)
+            .with_scope(scope);
         (Arc::new(ctx), cluster)
     }
 

@@ -144,6 +144,13 @@ fn find<'a>(seen: &'a [Seen], method: Method, part: &str) -> Option<&'a Seen> {
         .find(|s| s.method == method && s.path.contains(part))
 }
 
+fn event_reasons(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .filter(|s| s.method == Method::POST && s.path.ends_with("/events"))
+        .map(|s| s.body["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 fn condition<'a>(seen: &'a [Seen], type_: &str) -> &'a Value {
     let status = find(seen, Method::PATCH, "/status").expect("a status patch");
     status.body["status"]["conditions"]
@@ -221,6 +228,11 @@ async fn first_reconcile_creates_the_pvc_and_the_job_but_no_deployment() {
     assert_eq!(condition(&seen, "Progressing")["status"], "True");
     assert_eq!(condition(&seen, "Progressing")["reason"], "Downloading");
     assert_eq!(condition(&seen, "Degraded")["status"], "False");
+    assert_eq!(condition(&seen, "Reconciling")["status"], "True");
+    assert_eq!(condition(&seen, "Reconciling")["reason"], "Downloading");
+    assert_eq!(condition(&seen, "Stalled")["status"], "False");
+    // ModelReady's change is an event; a download is not a rollout.
+    assert_eq!(event_reasons(&seen), ["Downloading"]);
 }
 
 #[tokio::test]
@@ -266,6 +278,7 @@ async fn a_succeeded_job_releases_the_deployment_with_a_read_only_mount() {
     let model_ready = condition(&seen, "ModelReady");
     assert_eq!(model_ready["status"], "True");
     assert_eq!(model_ready["reason"], "Downloaded");
+    assert!(event_reasons(&seen).contains(&"Downloaded".to_string()));
 }
 
 #[tokio::test]
@@ -293,6 +306,14 @@ async fn a_failed_job_degrades_and_holds_the_deployment() {
             .contains("BackoffLimitExceeded")
     );
     assert_eq!(condition(&seen, "ModelReady")["status"], "False");
+    let stalled = condition(&seen, "Stalled");
+    assert_eq!(
+        (stalled["status"].as_str(), stalled["reason"].as_str()),
+        (Some("True"), Some("ModelDownloadFailed"))
+    );
+    assert_eq!(condition(&seen, "Reconciling")["status"], "False");
+    // One Warning (through Degraded), not a second one for ModelReady.
+    assert_eq!(event_reasons(&seen), ["ModelDownloadFailed"]);
 }
 
 #[tokio::test]

@@ -99,6 +99,13 @@ async fn new_captioner_applies_children_and_reports_progressing() {
     );
     assert_eq!(patch.status_condition("Progressing")["status"], "True");
     assert_eq!(patch.status_condition("Degraded")["status"], "False");
+    // kstatus: in progress, not failed.
+    assert_eq!(patch.status_condition("Reconciling")["status"], "True");
+    assert_eq!(
+        patch.status_condition("Reconciling")["reason"],
+        "RollingOut"
+    );
+    assert_eq!(patch.status_condition("Stalled")["status"], "False");
     assert_eq!(patch.body["status"]["observedGeneration"], 1);
     assert_eq!(patch.status_condition("Ready")["observedGeneration"], 1);
     assert_eq!(
@@ -157,6 +164,18 @@ async fn missing_secret_degrades_and_keeps_the_running_deployment() {
         patch.status_condition("Progressing")["reason"],
         "SecretNotFound"
     );
+    // kstatus: failed until someone creates the Secret; never also reconciling.
+    let stalled = patch.status_condition("Stalled");
+    assert_eq!(
+        (&stalled["status"], &stalled["reason"], &stalled["message"]),
+        (
+            &degraded["status"],
+            &degraded["reason"],
+            &degraded["message"]
+        )
+    );
+    assert_eq!(patch.status_condition("Reconciling")["status"], "False");
+    assert_eq!(patch.status_condition("Reconciling")["reason"], "Blocked");
 }
 
 #[tokio::test]
@@ -206,6 +225,15 @@ async fn deployment_becoming_ready_sets_ready_true() {
     assert_eq!(get(&new, "Ready").reason, "AllReplicasReady");
     assert_eq!(get(&new, "Progressing").status, "False");
     assert_eq!(new.ready_replicas, Some(1));
+    // kstatus: current.
+    assert_eq!(get(&new, "Reconciling").status, "False");
+    assert_eq!(get(&new, "Reconciling").reason, "Reconciled");
+    assert_eq!(get(&new, "Stalled").status, "False");
+    assert_eq!(
+        get(&new, "Stalled").last_transition_time,
+        get(&status, "Stalled").last_transition_time,
+        "Stalled stayed False"
+    );
     // Degraded did not flip, so its transition time is kept.
     assert_eq!(
         get(&new, "Degraded").last_transition_time,

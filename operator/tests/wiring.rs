@@ -6,7 +6,11 @@ mod fixtures;
 
 use cluster::{CAPTIONERS, Cluster};
 use fixtures::FakeChat;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::reflector::ObjectRef;
 use serde_json::{Value, json};
+use vlm_operator::scope::Scope;
+use vlm_operator::wiring::owner_of;
 
 const CM: &str = "v1/configmaps";
 const SECRETS: &str = "v1/secrets";
@@ -27,7 +31,11 @@ fn captioner(nv_ingest: Value) -> Value {
 }
 
 fn cluster_with(nv_ingest: Value) -> (std::sync::Arc<vlm_operator::Context>, Cluster) {
-    let (ctx, cluster) = Cluster::start(FakeChat::answering("A red square."));
+    cluster_in(Scope::Cluster, nv_ingest)
+}
+
+fn cluster_in(scope: Scope, nv_ingest: Value) -> (std::sync::Arc<vlm_operator::Context>, Cluster) {
+    let (ctx, cluster) = Cluster::start_in(FakeChat::answering("A red square."), scope);
     cluster.put(
         SECRETS,
         json!({"apiVersion": "v1", "kind": "Secret",
@@ -264,4 +272,126 @@ async fn a_missing_key_keeps_the_last_published_copy() {
         .expect("kept");
     assert_eq!(secret["data"]["NGC_API_KEY"], "Zmlyc3Qta2V5");
     assert_eq!(condition(&cluster, "Degraded")["reason"], "SecretNotFound");
+}
+
+#[tokio::test]
+async fn drift_on_a_published_object_wakes_its_owner_which_repairs_it() {
+    let (ctx, cluster) = cluster_with(json!({"namespaces": ["ingest-a"]}));
+    cluster.settle(&ctx, "nv", "cap", 6).await;
+    // Someone edits the published ConfigMap and deletes the published Secret.
+    let mut cm = cluster
+        .get(CM, "ingest-a", "cap-nv-ingest")
+        .expect("ConfigMap");
+    cm["data"]["VLM_CAPTION_ENDPOINT"] = json!("http://elsewhere:8000/v1/chat/completions");
+    cluster.put(CM, cm.clone());
+    let secret = cluster
+        .get(SECRETS, "ingest-a", "cap-nv-ingest")
+        .expect("Secret");
+    cluster.delete(SECRETS, "ingest-a", "cap-nv-ingest");
+
+    // The watch events name the owner through the labels, whatever the namespace.
+    for obj in [&cm, &secret] {
+        let meta: ObjectMeta =
+            serde_json::from_value(obj["metadata"].clone()).expect("metadata deserializes");
+        assert_eq!(owner_of(&meta), Some(ObjectRef::new("cap").within("nv")));
+    }
+    let passes = cluster.settle(&ctx, "nv", "cap", 4).await;
+    assert_eq!(passes, 2, "one repair, then nothing to do");
+    let cm = cluster
+        .get(CM, "ingest-a", "cap-nv-ingest")
+        .expect("ConfigMap");
+    assert_eq!(
+        cm["data"]["VLM_CAPTION_ENDPOINT"],
+        "http://cap.nv.svc.cluster.local:8000/v1/chat/completions"
+    );
+    let secret = cluster
+        .get(SECRETS, "ingest-a", "cap-nv-ingest")
+        .expect("re-published");
+    assert_eq!(secret["data"]["NGC_API_KEY"], "Zmlyc3Qta2V5");
+}
+
+#[tokio::test]
+async fn namespaced_mode_wires_only_watched_namespaces_and_refuses_a_selector() {
+    let (ctx, cluster) = cluster_in(
+        Scope::from_namespaces(["nv", "ingest-a"]),
+        json!({
+            "namespaces": ["ingest-a", "ingest-far"],
+            "namespaceSelector": {"matchLabels": {"captioning.dev/nv-ingest": "true"}},
+        }),
+    );
+    cluster.namespace("ingest-b", json!({"captioning.dev/nv-ingest": "true"}));
+    let passes = cluster.settle(&ctx, "nv", "cap", 6).await;
+    assert!(passes <= 4, "{passes} reconciles to settle");
+
+    assert_eq!(
+        published_in(&cluster, "ingest-a"),
+        [
+            "ConfigMap/cap-nv-ingest",
+            "Secret/cap-nv-ingest",
+            &format!("Service/{ALIAS}")
+        ]
+    );
+    assert!(published_in(&cluster, "ingest-far").is_empty());
+    assert!(published_in(&cluster, "ingest-b").is_empty());
+    assert_eq!(
+        status(&cluster)["nvIngest"]["wiredNamespaces"],
+        json!(["ingest-a"])
+    );
+    let wired = condition(&cluster, "NvIngestWired");
+    assert_eq!(wired["status"], "False");
+    assert_eq!(wired["reason"], "NamespaceSelectorUnsupported");
+    let message = wired["message"].as_str().unwrap_or_default();
+    assert!(
+        message
+            .contains("spec.nvIngest.namespaceSelector needs the operator's all-namespaces mode")
+            && message.contains("not wired: ingest-far")
+            && message.contains("watches only ingest-a, nv"),
+        "{message}"
+    );
+    let stalled = condition(&cluster, "Stalled");
+    assert_eq!(
+        (stalled["status"].as_str(), stalled["reason"].as_str()),
+        (Some("True"), Some("NamespaceSelectorUnsupported"))
+    );
+    assert_eq!(condition(&cluster, "Reconciling")["status"], "False");
+    assert!(
+        cluster
+            .event_reasons()
+            .contains(&"NamespaceSelectorUnsupported".to_string())
+    );
+    // Nothing cluster-wide: a namespaced Role grants no such list.
+    let cluster_wide = |path: &str| {
+        let path = path.split('?').next().unwrap_or_default();
+        [
+            "/api/v1/namespaces",
+            "/api/v1/configmaps",
+            "/api/v1/secrets",
+            "/api/v1/services",
+        ]
+        .contains(&path)
+    };
+    let requests = cluster.lock().requests.clone();
+    assert!(
+        requests.iter().all(|(_, p)| !cluster_wide(p)),
+        "{requests:?}"
+    );
+
+    // Listing only watched namespaces settles it.
+    let mut c = cluster.get(CAPTIONERS, "nv", "cap").expect("captioner");
+    c["spec"]["nvIngest"] = json!({"namespaces": ["ingest-a"]});
+    cluster.put(CAPTIONERS, c);
+    cluster.settle(&ctx, "nv", "cap", 6).await;
+    assert_eq!(condition(&cluster, "NvIngestWired")["reason"], "Published");
+    assert_eq!(condition(&cluster, "Stalled")["status"], "False");
+
+    // The finalizer cleans up within the watched namespaces too.
+    cluster.delete(CAPTIONERS, "nv", "cap");
+    cluster.settle(&ctx, "nv", "cap", 4).await;
+    assert!(cluster.captioner("nv", "cap").is_none());
+    assert!(published_in(&cluster, "ingest-a").is_empty());
+    let requests = cluster.lock().requests.clone();
+    assert!(
+        requests.iter().all(|(_, p)| !cluster_wide(p)),
+        "{requests:?}"
+    );
 }

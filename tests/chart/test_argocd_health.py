@@ -60,3 +60,50 @@ def test_reasons_used_by_the_script_exist_in_the_operator():
     src = (REPO / "operator" / "src" / "status.rs").read_text()
     for reason in ("ScaledToZero", "ChatProbeFailed", "ChatProbeTimedOut"):
         assert f'"{reason}"' in src, reason
+
+
+def kstatus(obj: dict) -> str:
+    """kstatus' generic rules for a custom resource (sigs.k8s.io/cli-utils pkg/kstatus/status,
+    checkGenericProperties): a generation not yet observed or Reconciling=True is InProgress,
+    Stalled=True is Failed, the first of the two found wins; otherwise Current."""
+    status = obj.get("status") or {}
+    generation = obj["metadata"].get("generation")
+    observed = status.get("observedGeneration")
+    if generation is not None and observed is not None and observed != generation:
+        return "InProgress"
+    for cond in status.get("conditions") or []:
+        if cond["type"] == "Reconciling" and cond["status"] == "True":
+            return "InProgress"
+        if cond["type"] == "Stalled" and cond["status"] == "True":
+            return "Failed"
+    return "Current"
+
+
+KSTATUS_OF_HEALTH = {
+    "Progressing": "InProgress",
+    "Degraded": "Failed",
+    "Healthy": "Current",
+    "Suspended": "Current",
+}
+KSTATUS_CASES = [
+    p
+    for p in CASES
+    if {"Reconciling", "Stalled"}
+    <= {c["type"] for c in (yaml.safe_load(p.read_text())["object"].get("status") or {}).get("conditions") or []}
+]
+
+
+def test_there_are_cases_with_the_kstatus_conditions():
+    statuses = {yaml.safe_load(p.read_text())["expected"]["status"] for p in KSTATUS_CASES}
+    assert statuses == {"Healthy", "Progressing", "Degraded", "Suspended"}
+
+
+@pytest.mark.parametrize("case", KSTATUS_CASES, ids=[p.stem for p in KSTATUS_CASES])
+def test_argo_cd_and_kstatus_agree(case):
+    doc = yaml.safe_load(case.read_text())
+    conditions = doc["object"]["status"]["conditions"]
+    reconciling, stalled = (
+        next(c for c in conditions if c["type"] == t) for t in ("Reconciling", "Stalled")
+    )
+    assert not (reconciling["status"] == "True" and stalled["status"] == "True"), "never both"
+    assert kstatus(doc["object"]) == KSTATUS_OF_HEALTH[health(doc["object"])["status"]]

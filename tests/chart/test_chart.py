@@ -20,8 +20,9 @@ OPERATOR_MAIN = REPO / "operator" / "src" / "main.rs"
 RELEASE = "vlm-captioner-operator"
 NAMESPACE = "vlm-system"
 
-# What the operator calls (operator/src/{controller,reconcile,inputs}.rs and kube's Recorder),
-# as (apiGroup, resource, verb). Tests compare the rendered rules with this set exactly.
+# What the operator calls (operator/src/{controller,reconcile,wiring,download,inputs}.rs and
+# kube's Recorder), as (apiGroup, resource, verb). Tests compare the rendered rules with this set
+# exactly. ConfigMaps, Secrets and Services include the nv-ingest copies: watched by label.
 OPERATOR_RULES = (
     {("captioning.dev", "vlmcaptioners", v) for v in ("get", "list", "watch", "patch")}
     | {("captioning.dev", "vlmcaptioners/status", "patch")}
@@ -40,8 +41,9 @@ OPERATOR_RULES = (
     | {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")}
     | {(g, "events", v) for g in ("events.k8s.io", "") for v in ("create", "patch")}
 )
-# Cluster-scoped reads, granted only by the ClusterRole: namespaces for spec.nvIngest.namespaceSelector.
-CLUSTER_ONLY_RULES = {("", "namespaces", v) for v in ("get", "list", "watch")}
+# Cluster-scoped reads, granted only by the ClusterRole: namespaces for
+# spec.nvIngest.namespaceSelector (a list by label and a metadata watch; never a GET).
+CLUSTER_ONLY_RULES = {("", "namespaces", v) for v in ("list", "watch")}
 LEASE_RULES = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update", "patch")}
 
 

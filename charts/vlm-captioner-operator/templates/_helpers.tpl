@@ -72,10 +72,11 @@ The operator's rules on captioners and their children: exactly the calls in oper
 Shared by the ClusterRole (all namespaces) and the per-namespace Roles (watchNamespaces).
 */}}
 {{- define "vlm-captioner-operator.clusterRules" -}}
-# nv-ingest namespaces chosen by `spec.nvIngest.namespaceSelector` (cluster mode only).
+# nv-ingest namespaces chosen by `spec.nvIngest.namespaceSelector` (cluster mode only; a
+# namespaced operator refuses the selector): listed by label and watched, metadata only.
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{- define "vlm-captioner-operator.rules" -}}
@@ -97,6 +98,8 @@ Shared by the ClusterRole (all namespaces) and the per-namespace Roles (watchNam
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The same verbs cover the nv-ingest copies published with `spec.nvIngest`: applied, watched
+# by their `captioning.dev/owner-name` label (metadata only) and pruned by label.
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

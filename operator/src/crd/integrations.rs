@@ -14,12 +14,13 @@ const DNS1123_LABEL: &str = "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NvIngestSpec {
-    /// Namespaces that run nv-ingest.
+    /// Namespaces that run nv-ingest. A namespaced operator wires only those it watches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.all(n, n.size() <= 63 && n.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))").message("namespaces must be DNS-1123 labels"))]
     pub namespaces: Vec<String>,
-    /// Also every namespace whose labels match (needs the operator's cluster-wide mode).
+    /// Also every namespace whose labels match. Needs the operator's all-namespaces mode; a
+    /// namespaced operator refuses it (`NvIngestWired=False/NamespaceSelectorUnsupported`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
     /// Publish an ExternalName Service so nv-ingest's default endpoint
