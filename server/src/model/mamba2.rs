@@ -9,6 +9,7 @@ use super::config::NemotronHConfig;
 use super::linear::Linear;
 use super::norm::GatedRmsNorm;
 use super::state::{MambaPool, MambaState, cat_rows};
+use crate::kernels;
 
 /// CPU kernels, including the per-row decode math other backends can check against.
 pub(crate) mod cpu;
@@ -36,6 +37,9 @@ pub struct Mamba2 {
     dt_limit: (f64, f64),
     /// Use the fused CPU decode step ([`cpu::decode`]) on CPU (tests turn it off).
     fused_cpu_decode: bool,
+    /// Run decode and prefill through [`crate::kernels`] (on CUDA; tests also on CPU, where
+    /// the kernels' CPU twins run).
+    device_kernels: bool,
 }
 
 /// Mamba2 sizes.
@@ -111,6 +115,7 @@ impl Mamba2 {
             dims,
             dt_limit: cfg.time_step_limit,
             fused_cpu_decode: true,
+            device_kernels: vb.device().is_cuda(),
         })
     }
 
@@ -156,9 +161,50 @@ impl Mamba2 {
     pub fn decode_step(&self, proj: &Tensor, pool: &MambaPool, slots: &Tensor) -> Result<Tensor> {
         if self.fused_cpu_decode && proj.device().is_cpu() && proj.dtype() == DType::F32 {
             cpu::decode(self, proj, pool, slots)
+        } else if self.device_kernels {
+            self.decode_kernels(proj, pool, slots)
         } else {
             self.decode_generic(proj, pool, slots)
         }
+    }
+
+    /// [`Mamba2::decode_step`] with the device kernels of [`crate::kernels`]: the conv
+    /// window and the SSM state are updated in place in the slots' pool rows, reading the
+    /// in_proj output (model dtype) without copies.
+    fn decode_kernels(&self, proj: &Tensor, pool: &MambaPool, slots: &Tensor) -> Result<Tensor> {
+        let d = self.dims;
+        let (di, cd, gn) = (d.d_inner(), d.conv_dim(), d.groups * d.state);
+        let xc = kernels::conv1d_update(
+            &pool.conv,
+            &proj.narrow(1, di, cd)?,
+            slots,
+            &self.conv_w,
+            self.conv_b.as_ref(),
+        )?; // [B, cd] f32, SiLU applied
+        let y = kernels::selective_state_update(
+            &pool.ssm,
+            &xc.narrow(1, 0, di)?,
+            &xc.narrow(1, di, gn)?,
+            &xc.narrow(1, di + gn, gn)?,
+            &proj.narrow(1, di + cd, d.heads)?,
+            &self.dt_bias,
+            &self.a,
+            &self.d.reshape(d.heads)?,
+            (self.dt_limit.0 as f32, self.dt_limit.1 as f32),
+            slots,
+        )?;
+        self.kernel_norm(&y, &proj.narrow(1, 0, di)?)
+    }
+
+    /// Gated RMSNorm through [`kernels::gated_rms_norm`].
+    fn kernel_norm(&self, y: &Tensor, z: &Tensor) -> Result<Tensor> {
+        kernels::gated_rms_norm(
+            y,
+            z,
+            self.norm.weight(),
+            self.norm.group_size(),
+            self.norm.eps(),
+        )
     }
 
     /// dt = softplus(dt_raw + dt_bias), clamped only to a non-trivial time_step_limit.
@@ -195,6 +241,9 @@ impl Mamba2 {
     /// One sequence, several tokens: `proj` [L, di + cd + H]. Its state is copied out of
     /// `slot`, run through the chunked scan and written back. Returns y [L, di] f32.
     fn prefill(&self, proj: &Tensor, pool: &MambaPool, slot: u32) -> Result<Tensor> {
+        if self.device_kernels {
+            return self.prefill_kernels(proj, pool, slot);
+        }
         let d = self.dims;
         let l = proj.dim(0)?;
         let (z, xbc, dt) = self.split_proj(proj)?;
@@ -212,6 +261,34 @@ impl Mamba2 {
         pool.write(slot as usize, &MambaState { conv, ssm })?;
         let y = (y + x.broadcast_mul(&self.d)?)?; // D skip
         self.gated_norm(&y.reshape((l, d.d_inner()))?, &z)
+    }
+
+    /// [`Mamba2::prefill`] with the device kernels: conv and scan read the in_proj output and
+    /// the slot's state, which is written back in place.
+    fn prefill_kernels(&self, proj: &Tensor, pool: &MambaPool, slot: u32) -> Result<Tensor> {
+        let d = self.dims;
+        let (l, di, cd) = (proj.dim(0)?, d.d_inner(), d.conv_dim());
+        let st = pool.read(slot as usize)?;
+        let (xc, conv) = kernels::conv1d_prefill(
+            &proj.narrow(1, di, cd)?,
+            &st.conv,
+            &self.conv_w,
+            self.conv_b.as_ref(),
+        )?;
+        let dt = self.dt(&proj.narrow(1, di + cd, d.heads)?)?; // [L, H] f32
+        let (x, b, c) = split_xbc(&xc, d)?;
+        let (y, ssm) = kernels::ssd_scan(
+            &x.contiguous()?,
+            &dt,
+            &self.a,
+            &b.contiguous()?,
+            &c.contiguous()?,
+            &st.ssm,
+            d.chunk,
+        )?;
+        pool.write(slot as usize, &MambaState { conv, ssm })?;
+        let y = (y + x.broadcast_mul(&self.d)?)?; // D skip
+        self.kernel_norm(&y.reshape((l, di))?, &proj.narrow(1, 0, di)?)
     }
 
     /// [`Mamba2::decode_step`] with candle ops on any device: gather the slots' states,
@@ -662,6 +739,45 @@ mod tests {
         for bad in [[2u32, 2], [0, 5]] {
             let batch = MambaBatch::new(&[1, 1], &bad, &dev)?;
             assert!(fused.forward(&x, &batch, &pf).is_err(), "{bad:?}");
+        }
+        Ok(())
+    }
+
+    /// The kernel path (CPU twins here; the CUDA kernels on a GPU) against the candle-op path.
+    #[test]
+    fn kernel_path_matches_generic_path_on_the_pool() -> Result<()> {
+        use crate::model::checkpoint::Checkpoint;
+        use crate::model::config::CheckpointConfig;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny");
+        let cfg = CheckpointConfig::load(&dir).map_err(candle_core::Error::wrap)?;
+        let ckpt = Checkpoint::open(&dir).map_err(candle_core::Error::wrap)?;
+        let vb = ckpt.var_builder(DType::F32, &Device::Cpu);
+        let mut generic = Mamba2::new(
+            &cfg.model.llm_config,
+            vb.pp("language_model.backbone.layers.0.mixer"),
+        )?;
+        generic.fused_cpu_decode = false;
+        let mut kernel = generic.clone();
+        kernel.device_kernels = true;
+        let dev = Device::Cpu;
+        let hidden = cfg.model.llm_config.hidden_size;
+        let (pk, pg) = random_pools(generic.dims, &dev)?;
+        let slots = [3u32, 0, 4];
+        let decode = MambaBatch::new(&[1, 1, 1], &slots, &dev)?;
+        let mixed = MambaBatch::new(&[1, 9, 1], &slots, &dev)?;
+        for (step, (batch, t)) in [(&mixed, 11), (&decode, 3), (&decode, 3)]
+            .into_iter()
+            .enumerate()
+        {
+            let x = Tensor::randn(0f32, 1.0, (t, hidden), &dev)?;
+            let yk = kernel.forward(&x, batch, &pk)?;
+            let yg = generic.forward(&x, batch, &pg)?;
+            assert!(max_abs(&yk, &yg)? < 1e-4, "step {step}");
+        }
+        for s in 0..5 {
+            let (a, b) = (pk.read(s)?, pg.read(s)?);
+            assert!(max_abs(&a.ssm, &b.ssm)? < 1e-4, "ssm of slot {s}");
+            assert!(max_abs(&a.conv, &b.conv)? < 1e-6, "conv of slot {s}");
         }
         Ok(())
     }
