@@ -299,8 +299,8 @@ mod tests {
     use super::*;
     use candle_nn::VarMap;
 
-    #[test]
-    fn decode_with_cache_matches_full_causal_attention() -> Result<()> {
+    /// A 4-head, 2-KV-head attention layer with random weights, on CPU.
+    fn tiny_attention() -> Result<(Attention, Device)> {
         let dev = Device::Cpu;
         let cfg: NemotronHConfig = serde_json::from_str(
             r#"{"hidden_size": 32, "intermediate_size": 8, "num_attention_heads": 4,
@@ -310,6 +310,12 @@ mod tests {
         .map_err(candle_core::Error::wrap)?;
         let vm = VarMap::new();
         let attn = Attention::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        Ok((attn, dev))
+    }
+
+    #[test]
+    fn decode_with_cache_matches_full_causal_attention() -> Result<()> {
+        let (attn, dev) = tiny_attention()?;
         let t = 21;
         let x = Tensor::randn(0f32, 1.0, (t, 32), &dev)?;
 
@@ -356,15 +362,7 @@ mod tests {
 
     #[test]
     fn fused_cpu_decode_matches_the_per_sequence_path() -> Result<()> {
-        let dev = Device::Cpu;
-        let cfg: NemotronHConfig = serde_json::from_str(
-            r#"{"hidden_size": 32, "intermediate_size": 8, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "head_dim": 8, "mamba_num_heads": 1,
-                "mamba_head_dim": 1, "ssm_state_size": 1}"#,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        let vm = VarMap::new();
-        let fused = Attention::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        let (fused, dev) = tiny_attention()?;
         let mut generic = fused.clone();
         generic.fused_cpu_decode = false;
         // Three sequences with different cached lengths (one past a capacity doubling).
