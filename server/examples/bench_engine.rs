@@ -246,9 +246,15 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
+fn main() {
+    // As the server does: before the runtime's threads exist.
+    vlm_server::memory::tune_allocator();
+    tokio::runtime::Runtime::new()
+        .expect("tokio runtime")
+        .block_on(run(Args::parse()));
+}
+
+async fn run(args: Args) {
     if !args.step_batches.is_empty() {
         bench_steps(&args.model, &args.step_batches, args.steps);
     }

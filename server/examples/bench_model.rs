@@ -165,6 +165,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    vlm_server::memory::tune_allocator();
     let args = Args::parse();
     let model = NemotronVl::load(&args.model, DType::F32, &Device::Cpu).expect("model loads");
     let cfg = &model.config.model;

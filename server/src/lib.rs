@@ -9,6 +9,7 @@ pub mod api;
 pub mod download;
 pub mod engine;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod preprocess;
 pub mod prompt;

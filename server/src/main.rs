@@ -62,6 +62,7 @@ struct CaptionArgs {
 }
 
 fn main() -> ExitCode {
+    vlm_server::memory::tune_allocator();
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Serve(args) => args.log_format,

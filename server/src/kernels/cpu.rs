@@ -6,6 +6,7 @@ use candle_core::{Result, bail};
 use half::bf16;
 
 use super::access::{AnyRows, Rows};
+use crate::model::cpu_math::dispatch;
 use crate::model::linear::{OutPtr, par_ranges};
 
 /// An input element converted to f32.
@@ -106,43 +107,46 @@ fn conv_prefill_row<T: Elem>(
     out.iter_mut().for_each(|v| *v = silu(*v));
 }
 
-/// One head's decode step: `state` [P·N] in place, `x` [P], `b`/`c` [N] (the head's group),
-/// `dt` already softplus'ed and clamped. S ← exp(dt·a)·S + dt·x⊗B;  y = S·C + d·x  [P].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn ssm_update_head(
-    state: &mut [f32],
-    x: &[f32],
-    b: &[f32],
-    c: &[f32],
-    dt: f32,
-    a: f32,
-    d: f32,
-    y: &mut [f32],
-) {
-    let n = b.len();
-    let da = (dt * a).exp();
-    let (b8, b_tail) = b.as_chunks::<LANES>();
-    let (c8, c_tail) = c.as_chunks::<LANES>();
-    for ((srow, &xv), yv) in state.chunks_exact_mut(n).zip(x).zip(y.iter_mut()) {
-        let dtx = dt * xv;
-        // LANES independent partial sums: a single accumulator would serialize the row on
-        // the add latency and keep the loop from vectorizing.
-        let mut acc = [0f32; LANES];
-        let (s8, s_tail) = srow.as_chunks_mut::<LANES>();
-        for ((s, bv), cv) in s8.iter_mut().zip(b8).zip(c8) {
-            for i in 0..LANES {
-                let v = da * s[i] + dtx * bv[i];
-                s[i] = v;
-                acc[i] += v * cv[i];
+dispatch! {
+    /// One head's decode step: `state` [P·N] in place, `x` [P], `b`/`c` [N] (the head's
+    /// group), `dt` already softplus'ed and clamped. S ← exp(dt·a)·S + dt·x⊗B;
+    /// y = S·C + d·x  [P].
+    #[allow(clippy::too_many_arguments)]
+    fn ssm_update_head(
+        state: &mut [f32],
+        x: &[f32],
+        b: &[f32],
+        c: &[f32],
+        dt: f32,
+        a: f32,
+        d: f32,
+        y: &mut [f32]
+    ) {
+        let n = b.len();
+        let da = (dt * a).exp();
+        let (b8, b_tail) = b.as_chunks::<LANES>();
+        let (c8, c_tail) = c.as_chunks::<LANES>();
+        for ((srow, &xv), yv) in state.chunks_exact_mut(n).zip(x).zip(y.iter_mut()) {
+            let dtx = dt * xv;
+            // LANES independent partial sums: a single accumulator would serialize the row
+            // on the add latency and keep the loop from vectorizing.
+            let mut acc = [0f32; LANES];
+            let (s8, s_tail) = srow.as_chunks_mut::<LANES>();
+            for ((s, bv), cv) in s8.iter_mut().zip(b8).zip(c8) {
+                for i in 0..LANES {
+                    let v = da * s[i] + dtx * bv[i];
+                    s[i] = v;
+                    acc[i] += v * cv[i];
+                }
             }
+            let mut total: f32 = acc.iter().sum();
+            for ((s, bv), cv) in s_tail.iter_mut().zip(b_tail).zip(c_tail) {
+                let v = da * *s + dtx * bv;
+                *s = v;
+                total += v * cv;
+            }
+            *yv = total + d * xv;
         }
-        let mut total: f32 = acc.iter().sum();
-        for ((s, bv), cv) in s_tail.iter_mut().zip(b_tail).zip(c_tail) {
-            let v = da * *s + dtx * bv;
-            *s = v;
-            total += v * cv;
-        }
-        *yv = total + d * xv;
     }
 }
 
@@ -402,6 +406,44 @@ pub(crate) fn gated_rms_norm(
         AnyRows::F32(z) => run(y, z, w, group_size, eps),
         AnyRows::BF16(z) => run(y, z, w, group_size, eps),
     }
+}
+
+/// Prefill SSD of one sequence as a scan over its tokens: the decode recurrence
+/// ([`ssm_update_head`]) applied token by token per head, with the head's [P·N] state
+/// staying in L1; heads run in parallel. About the chunked SSD's work (4·L·H·P·N flops)
+/// but no [L, L] or per-chunk intermediates: the CPU prefill's memory stays that of its
+/// inputs and outputs. `x` [L·H·P], `dt` [L·H] (see [`dt_row`]), `a` [H], `b`/`c` [L·G·N],
+/// `state` [H·P·N] (initial); head h uses group h / (H/G). Returns (y [L·H·P] without the
+/// D skip, final state [H·P·N]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ssd_scan(
+    x: &[f32],
+    dt: &[f32],
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    state: &[f32],
+    (l, h, p, g, n): (usize, usize, usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let mut y = out_vec(l * h * p);
+    let mut new_state = state.to_vec();
+    let (y_p, s_p) = (OutPtr(y.as_mut_ptr()), OutPtr(new_state.as_mut_ptr()));
+    let heads_per_group = h / g;
+    par_ranges(h, 4 * l * h * p * n, |heads| {
+        for hi in heads {
+            let gi = hi / heads_per_group;
+            // SAFETY: head hi's state and its y rows are written by this worker only.
+            let s = unsafe { std::slice::from_raw_parts_mut(s_p.at(hi * p * n), p * n) };
+            for t in 0..l {
+                let row = t * h + hi;
+                let bc = (t * g + gi) * n..(t * g + gi + 1) * n;
+                let yr = unsafe { std::slice::from_raw_parts_mut(y_p.at(row * p), p) };
+                let xr = &x[row * p..(row + 1) * p];
+                ssm_update_head(s, xr, &b[bc.clone()], &c[bc], dt[row], a[hi], 0.0, yr);
+            }
+        }
+    });
+    (y, new_state)
 }
 
 /// Prefill conv of one sequence: `x` rows [L, C], `state` [(K−1)·C]. Returns (SiLU(conv)

@@ -287,8 +287,9 @@ pub fn conv1d_prefill(
 
 /// Prefill SSD of one sequence: `x` [L, H, P] f32, `dt` [L, H] f32 (softplus'ed and clamped),
 /// `a` [H] f32 (= −exp(A_log)), `b`/`c` [L, G, N] f32, `state` [H, P, N] f32 (initial),
-/// `chunk` the SSD chunk length (CPU). Returns (y [L, H, P] without the D skip, final state
-/// [H, P, N]). Same math as [`crate::model::mamba2::ssd_chunked`].
+/// `chunk` the SSD chunk length (for the candle-op fallback on CUDA shapes the kernel does
+/// not cover). Returns (y [L, H, P] without the D skip, final state [H, P, N]). Same math as
+/// [`crate::model::mamba2::ssd_chunked`]; CPU runs it as a token scan.
 pub fn ssd_scan(
     x: &Tensor,
     dt: &Tensor,
@@ -348,7 +349,34 @@ pub fn ssd_scan(
         let locked = Locked::new(&[&x, &dt, &a, &b, &c, &state]);
         return cuda::ssd_scan(&locked, plan, (l, h, p, g, n));
     }
-    // CPU, and CUDA shapes the kernel does not cover: the chunked SSD in candle ops.
+    if x.device().is_cpu() {
+        let (x, dt, b, c) = (
+            x.contiguous()?,
+            dt.contiguous()?,
+            b.contiguous()?,
+            c.contiguous()?,
+        );
+        let (a, state) = (a.contiguous()?, state.contiguous()?);
+        let locked = Locked::new(&[&x, &dt, &a, &b, &c, &state]);
+        let f32_of = |i| {
+            let (s, l) = locked.get(i);
+            cpu_f32(s, l)
+        };
+        let (y, new_state) = cpu::ssd_scan(
+            f32_of(0)?,
+            f32_of(1)?,
+            f32_of(2)?,
+            f32_of(3)?,
+            f32_of(4)?,
+            f32_of(5)?,
+            (l, h, p, g, n),
+        );
+        return Ok((
+            Tensor::from_vec(y, (l, h, p), &Device::Cpu)?,
+            Tensor::from_vec(new_state, (h, p, n), &Device::Cpu)?,
+        ));
+    }
+    // CUDA shapes the kernel does not cover: the chunked SSD in candle ops.
     crate::model::mamba2::ssd_chunked_for(x, b, c, dt, &a, state, chunk)
 }
 

@@ -1,10 +1,13 @@
 //! NemotronH attention mixer (model.md §2.4): GQA, causal, no positional encoding,
 //! scale 1/sqrt(head_dim), softmax in f32, with a per-sequence KV cache.
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::NemotronHConfig;
+use super::cpu_math::{dispatch, gemm_rows, softmax_in_place};
 use super::linear::{Linear, OutPtr, par_ranges};
 use super::state::{KvCache, cat_rows};
 
@@ -18,8 +21,8 @@ pub struct Attention {
     num_kv_heads: usize,
     head_dim: usize,
     scale: f64,
-    /// Use [`Attention::decode_cpu`] for all-decode batches on CPU (tests turn it off).
-    fused_cpu_decode: bool,
+    /// Use [`Attention::attend_cpu`] on CPU (tests turn it off to compare).
+    fused_cpu: bool,
 }
 
 impl Attention {
@@ -40,7 +43,7 @@ impl Attention {
             num_kv_heads: nkv,
             head_dim: hd,
             scale: 1.0 / (hd as f64).sqrt(),
-            fused_cpu_decode: true,
+            fused_cpu: true,
         })
     }
 
@@ -58,12 +61,8 @@ impl Attention {
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
-        if self.fused_cpu_decode
-            && x.device().is_cpu()
-            && q.dtype() == DType::F32
-            && seq_lens.iter().all(|&l| l == 1)
-        {
-            let out = self.decode_cpu(&q, &k, &v, caches)?;
+        if self.fused_cpu && x.device().is_cpu() && q.dtype() == DType::F32 {
+            let out = self.attend_cpu(&q, &k, &v, seq_lens, caches)?;
             return self.o_proj.forward(&out);
         }
         let mut outs = Vec::with_capacity(seq_lens.len());
@@ -112,29 +111,51 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
-    /// One token for each of B sequences on CPU: `q` [B, heads·hd], `k`/`v` [B, kv·hd] f32.
-    /// Appends each token's K/V to its cache, then one pass over the sequences (in
-    /// parallel) attends each query to its cache: the per-sequence path needs ~10 candle
-    /// ops per sequence, whose dispatch costs more than the math at decode sizes.
-    /// Returns [B, heads·hd] f32.
-    fn decode_cpu(
+    /// All packed tokens on CPU: `q` [T, heads·hd], `k`/`v` [T, kv·hd] f32, sequence i
+    /// owning `seq_lens[i]` consecutive rows. Appends each sequence's K/V to its cache, then
+    /// one pass over the tokens (in parallel) attends each query to the keys it may see
+    /// (causal: its cached prefix and itself). Nothing of size tokens × keys is
+    /// materialized: a 512-token prompt would need ~13 MB of scores per layer with candle
+    /// ops (and a few copies), and at decode sizes their ~10 dispatches per sequence cost
+    /// more than the math. Returns [T, heads·hd] f32.
+    fn attend_cpu(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        seq_lens: &[usize],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let bsz = caches.len();
-        let mut kv_all = Vec::with_capacity(bsz);
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let one = |t: &Tensor| t.narrow(0, i, 1)?.reshape((nkv, 1, hd));
-            kv_all.push(cache.append(&one(k)?, &one(v)?)?); // [kv, L, hd] views
+        let tokens: usize = seq_lens.iter().sum();
+        let mut kv_all = Vec::with_capacity(caches.len());
+        // Work items: a block of one sequence's consecutive tokens, its sequence, its first
+        // packed row and how many keys that row sees (each next row sees one more).
+        let mut blocks = Vec::new();
+        let mut start = 0;
+        for (i, (&len, cache)) in seq_lens.iter().zip(caches.iter_mut()).enumerate() {
+            let part = |t: &Tensor| {
+                t.narrow(0, start, len)?
+                    .reshape((len, nkv, hd))?
+                    .transpose(0, 1)
+            };
+            let offset = cache.len();
+            kv_all.push(cache.append(&part(k)?, &part(v)?)?); // [kv, L, hd] views
+            for r0 in (0..len).step_by(QUERY_BLOCK) {
+                let rows = QUERY_BLOCK.min(len - r0);
+                blocks.push(QueryBlock {
+                    seq: i,
+                    row: start + r0,
+                    rows,
+                    seen: offset + r0 + 1,
+                });
+            }
+            start += len;
         }
         let q = q.contiguous()?;
         let (qg, ql) = q.storage_and_layout();
         let qv = cpu_f32(&qg)?;
-        let qv = &qv[ql.start_offset()..ql.start_offset() + bsz * nh * hd];
+        let qv = &qv[ql.start_offset()..ql.start_offset() + tokens * nh * hd];
         // Every cache's data, its first element and its per-head stride.
         let guards = kv_all
             .iter()
@@ -143,7 +164,7 @@ impl Attention {
                 let (vg, vl) = v.storage_and_layout();
                 let ok = |s: &[usize]| s[1] == hd && s[2] == 1;
                 if !ok(kl.stride()) || !ok(vl.stride()) {
-                    candle_core::bail!("attention decode: unexpected KV cache layout");
+                    candle_core::bail!("attention: unexpected KV cache layout");
                 }
                 Ok((
                     kg,
@@ -157,83 +178,175 @@ impl Attention {
             .collect::<Result<Vec<_>>>()?;
         let views = guards
             .iter()
-            .zip(&kv_all)
-            .map(|((kg, k0, ks, vg, v0, vs), (k_all, _))| {
+            .map(|(kg, k0, ks, vg, v0, vs)| {
                 Ok(CacheView {
                     k: &cpu_f32(kg)?[*k0..],
                     v: &cpu_f32(vg)?[*v0..],
                     k_head_stride: *ks,
                     v_head_stride: *vs,
-                    len: k_all.dim(1)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut out = vec![0f32; bsz * nh * hd];
+        let mut out = vec![0f32; tokens * nh * hd];
         let out_p = OutPtr(out.as_mut_ptr());
         let (scale, rep) = (self.scale as f32, nh / nkv);
-        let work: usize = views.iter().map(|c| c.len * nh * hd * 2).sum();
-        par_ranges(bsz, work, |seqs| {
-            let mut scores = Vec::new();
-            for i in seqs {
-                // SAFETY: sequence i's output row is written by this worker only.
-                let o = unsafe { std::slice::from_raw_parts_mut(out_p.at(i * nh * hd), nh * hd) };
-                let c = &views[i];
-                for h in 0..nh {
-                    let g = h / rep;
-                    let kh = &c.k[g * c.k_head_stride..g * c.k_head_stride + c.len * hd];
-                    let vh = &c.v[g * c.v_head_stride..g * c.v_head_stride + c.len * hd];
-                    let qh = &qv[(i * nh + h) * hd..(i * nh + h + 1) * hd];
-                    attend_row(qh, kh, vh, scale, &mut scores, &mut o[h * hd..(h + 1) * hd]);
+        let work: usize = blocks
+            .iter()
+            .map(|b| b.rows * (b.seen + b.rows) * nh * hd)
+            .sum();
+        par_ranges(blocks.len(), work, |items| {
+            SCORES.with_borrow_mut(|scores| {
+                for b in &blocks[items] {
+                    let c = &views[b.seq];
+                    for h in 0..nh {
+                        let g = h / rep;
+                        let keys = b.seen + b.rows - 1; // seen by the block's last row
+                        let kh = &c.k[g * c.k_head_stride..g * c.k_head_stride + keys * hd];
+                        let vh = &c.v[g * c.v_head_stride..g * c.v_head_stride + keys * hd];
+                        let q0 = b.row * nh * hd + h * hd;
+                        if b.rows == 1 {
+                            // SAFETY: this block's output rows are written by this worker only.
+                            let o = unsafe { std::slice::from_raw_parts_mut(out_p.at(q0), hd) };
+                            attend_row(&qv[q0..q0 + hd], kh, vh, scale, scores, o);
+                        } else {
+                            // SAFETY: as above; q rows b.row.. lie inside `qv`.
+                            unsafe {
+                                attend_block(
+                                    &qv[q0..],
+                                    nh * hd,
+                                    kh,
+                                    vh,
+                                    hd,
+                                    *b,
+                                    scale,
+                                    scores,
+                                    out_p.at(q0),
+                                )
+                            };
+                        }
+                    }
                 }
-            }
+            })
         });
         drop(views);
         drop(guards);
         drop(qg);
-        Tensor::from_vec(out, (bsz, nh * hd), q.device())
+        Tensor::from_vec(out, (tokens, nh * hd), q.device())
     }
 }
 
-/// One sequence's K/V of one layer as borrowed data: head g's `len` rows of `hd` values
-/// start at `g * head_stride`.
+/// Query rows per attention work item: at most QUERY_BLOCK · keys scores per thread.
+const QUERY_BLOCK: usize = 32;
+
+thread_local! {
+    /// Attention scores of one work item, reused across calls.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Consecutive query rows of one sequence: packed rows `row..row + rows`; row `row + r`
+/// sees `seen + r` keys.
+#[derive(Clone, Copy)]
+struct QueryBlock {
+    seq: usize,
+    row: usize,
+    rows: usize,
+    seen: usize,
+}
+
+/// Causal attention of one head for a block of query rows, as two gemms with the softmax
+/// between: `q` the block's first query (rows `q_stride` apart), `k`/`v` [keys, hd] with
+/// keys = what the last row sees; each row's scores past its own last key are zeroed, so
+/// it ignores the keys of later rows. Writes `out` rows `q_stride` apart.
+///
+/// # Safety
+/// `q` holds `(b.rows − 1)·q_stride + hd` values; `out` is valid for the same extent and
+/// written by this caller only.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_block(
+    q: &[f32],
+    q_stride: usize,
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
+    b: QueryBlock,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: *mut f32,
+) {
+    let keys = b.seen + b.rows - 1;
+    scores.clear();
+    scores.resize(b.rows * keys, 0.0);
+    // SAFETY (both): operands as documented; `scores` holds rows·keys values.
+    unsafe {
+        // s [rows, keys] = scale · q [rows, hd] · kᵀ [hd, keys]
+        let dims = (b.rows, keys, hd);
+        gemm_rows(
+            dims,
+            scores.as_mut_ptr(),
+            keys,
+            q.as_ptr(),
+            q_stride,
+            k.as_ptr(),
+            (1, hd),
+            scale,
+        );
+    }
+    for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
+        let (live, masked) = row.split_at_mut(b.seen + r);
+        softmax_in_place(live);
+        masked.fill(0.0);
+    }
+    unsafe {
+        // out [rows, hd] = p [rows, keys] · v [keys, hd]
+        let dims = (b.rows, hd, keys);
+        gemm_rows(
+            dims,
+            out,
+            q_stride,
+            scores.as_ptr(),
+            keys,
+            v.as_ptr(),
+            (hd, 1),
+            1.0,
+        );
+    }
+}
+
+/// One sequence's K/V of one layer as borrowed data: head g's rows of `hd` values start at
+/// `g * head_stride`.
 struct CacheView<'a> {
     k: &'a [f32],
     v: &'a [f32],
     k_head_stride: usize,
     v_head_stride: usize,
-    len: usize,
 }
 
-/// One query head against its keys: `q` [hd], `k`/`v` [L, hd] row-major. Writes
-/// softmax(q·kᵀ·scale)·v into `out` [hd]; `scores` is scratch space.
-pub(crate) fn attend_row(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    scores.clear();
-    scores.extend(k.chunks_exact(hd).map(|kr| dot(kr, q) * scale));
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.fill(0.0);
-    for (p, vr) in scores.iter().zip(v.chunks_exact(hd)) {
-        let p = p / sum;
-        for (o, x) in out.iter_mut().zip(vr) {
-            *o += p * x;
+dispatch! {
+    /// One query head against its keys: `q` [hd], `k`/`v` [L, hd] row-major. Writes
+    /// softmax(q·kᵀ·scale)·v into `out` [hd]; `scores` is scratch space.
+    fn attend_row(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32]
+    ) {
+        let hd = q.len();
+        scores.clear();
+        scores.extend(k.chunks_exact(hd).map(|kr| dot(kr, q) * scale));
+        softmax_in_place(scores);
+        out.fill(0.0);
+        for (p, vr) in scores.iter().zip(v.chunks_exact(hd)) {
+            for (o, x) in out.iter_mut().zip(vr) {
+                *o += p * x;
+            }
         }
     }
 }
 
 /// Σ a·b with independent lane accumulators, so the loop vectorizes.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
@@ -250,7 +363,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn cpu_f32(s: &Storage) -> Result<&[f32]> {
     match s {
         Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-        _ => candle_core::bail!("attention decode: expected CPU f32 data"),
+        _ => candle_core::bail!("attention: expected CPU f32 data"),
     }
 }
 
@@ -316,7 +429,7 @@ mod tests {
     #[test]
     fn decode_with_cache_matches_full_causal_attention() -> Result<()> {
         let (attn, dev) = tiny_attention()?;
-        let t = 21;
+        let t = 45; // two query blocks
         let x = Tensor::randn(0f32, 1.0, (t, 32), &dev)?;
 
         // Full prefill in one call.
@@ -361,10 +474,10 @@ mod tests {
     }
 
     #[test]
-    fn fused_cpu_decode_matches_the_per_sequence_path() -> Result<()> {
+    fn fused_cpu_path_matches_the_per_sequence_path() -> Result<()> {
         let (fused, dev) = tiny_attention()?;
         let mut generic = fused.clone();
-        generic.fused_cpu_decode = false;
+        generic.fused_cpu = false;
         // Three sequences with different cached lengths (one past a capacity doubling).
         let mut caches: Vec<KvCache> = Vec::new();
         for len in [1, 17, 5] {
@@ -377,15 +490,20 @@ mod tests {
             caches.push(c);
         }
         let mut copies = caches.clone();
-        for _ in 0..3 {
-            let x = Tensor::randn(0f32, 1.0, (3, 32), &dev)?;
+        // Decode steps, then a mixed step: prefill chunks of several tokens packed with a
+        // decode token, on top of the cached prefixes.
+        for lens in [[1, 1, 1], [1, 1, 1], [4, 1, 9]] {
+            let t: usize = lens.iter().sum();
+            let x = Tensor::randn(0f32, 1.0, (t, 32), &dev)?;
             let mut a: Vec<&mut KvCache> = caches.iter_mut().collect();
             let mut b: Vec<&mut KvCache> = copies.iter_mut().collect();
-            let yf = fused.forward(&x, &[1, 1, 1], &mut a)?;
-            let yg = generic.forward(&x, &[1, 1, 1], &mut b)?;
-            assert!(max_abs(&yf, &yg)? < 1e-5);
+            let yf = fused.forward(&x, &lens, &mut a)?;
+            let yg = generic.forward(&x, &lens, &mut b)?;
+            assert_eq!(yf.dims(), &[t, 32]);
+            assert!(max_abs(&yf, &yg)? < 1e-5, "lens {lens:?}");
         }
         assert_eq!(caches[1].len(), 20);
+        assert_eq!(caches[2].len(), 16);
         Ok(())
     }
 

@@ -89,6 +89,51 @@ macro_rules! dispatch {
     };
 }
 
+pub(crate) use dispatch;
+
+/// `dst [m, n] = scale · lhs [m, k] · rhs [k, n]` on the calling thread (callers run many
+/// of these in parallel). `dst` and `lhs` are row-major with the given row strides; rhs
+/// element (i, j) is at `rhs + i·rhs_rs + j·rhs_cs`.
+///
+/// # Safety
+/// Every operand element addressed this way must be valid, and `dst`'s written only here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    scale: f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// What to apply to each output element of a linear layer, after the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {

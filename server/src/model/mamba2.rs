@@ -35,12 +35,16 @@ pub struct Mamba2 {
     mask: Tensor,
     dims: MambaDims,
     dt_limit: (f64, f64),
-    /// Use the fused CPU decode step ([`cpu::decode`]) on CPU (tests turn it off).
-    fused_cpu_decode: bool,
+    /// On CPU in f32, decode through the fused step ([`cpu::decode`]) and prefill through
+    /// the kernels' CPU twins (a token scan: no [L, L] intermediates); tests turn it off.
+    fused_cpu: bool,
     /// Run decode and prefill through [`crate::kernels`] (on CUDA; tests also on CPU, where
     /// the kernels' CPU twins run).
     device_kernels: bool,
 }
+
+/// Most tokens of one sequence the CPU prefill runs through conv, scan and norm at a time.
+const CPU_PREFILL_PIECE: usize = 128;
 
 /// Mamba2 sizes.
 #[derive(Debug, Clone, Copy)]
@@ -114,7 +118,7 @@ impl Mamba2 {
             mask: causal_log_mask(q, dev)?,
             dims,
             dt_limit: cfg.time_step_limit,
-            fused_cpu_decode: true,
+            fused_cpu: true,
             device_kernels: vb.device().is_cuda(),
         })
     }
@@ -159,13 +163,17 @@ impl Mamba2 {
     /// u32 pool rows (distinct). Advances each slot's conv window and SSM state in place and
     /// returns y [B, di] f32 after the gated RMSNorm (out_proj not applied).
     pub fn decode_step(&self, proj: &Tensor, pool: &MambaPool, slots: &Tensor) -> Result<Tensor> {
-        if self.fused_cpu_decode && proj.device().is_cpu() && proj.dtype() == DType::F32 {
+        if self.fused_cpu_applies(proj) {
             cpu::decode(self, proj, pool, slots)
         } else if self.device_kernels {
             self.decode_kernels(proj, pool, slots)
         } else {
             self.decode_generic(proj, pool, slots)
         }
+    }
+
+    fn fused_cpu_applies(&self, proj: &Tensor) -> bool {
+        self.fused_cpu && proj.device().is_cpu() && proj.dtype() == DType::F32
     }
 
     /// [`Mamba2::decode_step`] with the device kernels of [`crate::kernels`]: the conv
@@ -241,7 +249,26 @@ impl Mamba2 {
     /// One sequence, several tokens: `proj` [L, di + cd + H]. Its state is copied out of
     /// `slot`, run through the chunked scan and written back. Returns y [L, di] f32.
     fn prefill(&self, proj: &Tensor, pool: &MambaPool, slot: u32) -> Result<Tensor> {
-        if self.device_kernels {
+        let l = proj.dim(0)?;
+        if self.fused_cpu_applies(proj) && l > CPU_PREFILL_PIECE {
+            // The state carries from piece to piece through the slot, and the CPU scan is
+            // sequential anyway: same result, with each piece's temporaries (conv output,
+            // scan output, D skip, norm: ~40 KB per token at the mid size) freed before the
+            // next piece allocates them again.
+            let parts = (0..l)
+                .step_by(CPU_PREFILL_PIECE)
+                .map(|s| {
+                    let n = CPU_PREFILL_PIECE.min(l - s);
+                    self.prefill_one(&proj.narrow(0, s, n)?, pool, slot)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Tensor::cat(&parts, 0);
+        }
+        self.prefill_one(proj, pool, slot)
+    }
+
+    fn prefill_one(&self, proj: &Tensor, pool: &MambaPool, slot: u32) -> Result<Tensor> {
+        if self.device_kernels || self.fused_cpu_applies(proj) {
             return self.prefill_kernels(proj, pool, slot);
         }
         let d = self.dims;
@@ -693,7 +720,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_cpu_decode_matches_generic_path_on_the_pool() -> Result<()> {
+    fn fused_cpu_matches_generic_path_on_the_pool() -> Result<()> {
         use crate::model::checkpoint::Checkpoint;
         use crate::model::config::CheckpointConfig;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny");
@@ -705,7 +732,7 @@ mod tests {
             vb.pp("language_model.backbone.layers.0.mixer"),
         )?;
         let mut generic = fused.clone();
-        generic.fused_cpu_decode = false;
+        generic.fused_cpu = false;
         let dev = Device::Cpu;
         let hidden = cfg.model.llm_config.hidden_size;
         let (pf, pg) = random_pools(fused.dims, &dev)?;
@@ -756,7 +783,7 @@ mod tests {
             &cfg.model.llm_config,
             vb.pp("language_model.backbone.layers.0.mixer"),
         )?;
-        generic.fused_cpu_decode = false;
+        generic.fused_cpu = false;
         let mut kernel = generic.clone();
         kernel.device_kernels = true;
         let dev = Device::Cpu;

@@ -164,8 +164,13 @@ impl NemotronH {
     ) -> Result<Tensor> {
         // On CPU this runs the pass inside candle's own warm rayon pool; outside it the gemm
         // calls stay on the calling thread (measured: no matmul parallelism at all).
-        self.device
-            .with_context(|| self.forward_inner(embeds, seq_lens, pool, states, logits))
+        let out = self
+            .device
+            .with_context(|| self.forward_inner(embeds, seq_lens, pool, states, logits));
+        if self.device.is_cpu() {
+            crate::memory::release_after_pass(embeds.dim(0)?);
+        }
+        out
     }
 
     fn forward_inner(

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, ba
 use candle_nn::{LayerNorm, VarBuilder, layer_norm};
 use serde_json::Value;
 
-use super::cpu_math::softmax_in_place;
+use super::cpu_math::{gemm_rows, softmax_in_place};
 use super::linear::{Activation, Linear, OutPtr, load_compact, par_ranges};
 
 /// The checkpoint prefix of the weights [`RadioEncoder::load`] expects its
@@ -175,53 +175,24 @@ fn attention_cpu(qkv: &[f32], n: usize, l: usize, heads: usize, hd: usize, scale
                 // rows r0..r0+rows, columns head·hd.. of tile `tile` of `out`.
                 unsafe {
                     // s [rows, L] = scale · q [rows, hd] · kᵀ [hd, L]
-                    gemm::gemm(
-                        rows,
-                        l,
-                        hd,
-                        s.as_mut_ptr(),
-                        1,
-                        l as isize,
-                        false,
-                        q.as_ptr(),
-                        1,
-                        row as isize,
-                        k.as_ptr(),
-                        row as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                    let (sp, dims) = (s.as_mut_ptr(), (rows, l, hd));
+                    gemm_rows(dims, sp, l, q.as_ptr(), row, k.as_ptr(), (1, row), scale);
                 }
                 for r in s[..rows * l].chunks_exact_mut(l) {
                     softmax_in_place(r);
                 }
                 unsafe {
                     // out [rows, hd] = s [rows, L] · v [L, hd]
-                    gemm::gemm(
-                        rows,
-                        hd,
-                        l,
-                        dst.at((tile * l + r0) * hidden + head * hd),
-                        1,
-                        hidden as isize,
-                        false,
+                    let o = dst.at((tile * l + r0) * hidden + head * hd);
+                    gemm_rows(
+                        (rows, hd, l),
+                        o,
+                        hidden,
                         s.as_ptr(),
-                        1,
-                        l as isize,
+                        l,
                         v.as_ptr(),
-                        1,
-                        row as isize,
-                        0.0,
+                        (row, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             }
@@ -264,8 +235,8 @@ impl Block {
 pub struct RadioEncoder {
     embedder: Linear,
     /// `[G·G, hidden]`, the checkpoint's position grid, row-major (kept as stored when
-    /// that is BF16: it is only read to build `pos_cache`).
-    pos_embed: Tensor,
+    /// that is BF16: it is only read to build `pos_cache`); None once released.
+    pos_embed: Option<Tensor>,
     /// The compute dtype.
     dtype: DType,
     /// `[P, hidden]` cls + register tokens.
@@ -334,7 +305,7 @@ impl RadioEncoder {
 
         let encoder = RadioEncoder {
             embedder,
-            pos_embed,
+            pos_embed: Some(pos_embed),
             dtype: pg.dtype(),
             prefix_tokens,
             blocks,
@@ -347,6 +318,14 @@ impl RadioEncoder {
             encoder.pos_embed_for(s / patch_size, s / patch_size)?;
         }
         Ok(encoder)
+    }
+
+    /// Drop the position grid once the embeddings of every tile size the caller will use
+    /// are cached (from `load`'s `tile_sizes`): the grid is stored at the maximum
+    /// resolution (2048 px: 24 MiB at the mid size, 40 MiB at full size) but one tile
+    /// size needs only its interpolated window. Other sizes are refused afterwards.
+    pub fn release_position_grid(&mut self) {
+        self.pos_embed = None;
     }
 
     pub fn patch_size(&self) -> usize {
@@ -422,10 +401,21 @@ impl RadioEncoder {
         {
             return Ok(t);
         }
+        let Some(pos_embed) = &self.pos_embed else {
+            let cached: Vec<_> = self
+                .pos_cache
+                .read()
+                .map(|c| c.keys().copied().collect())
+                .unwrap_or_default();
+            bail!(
+                "RADIO: no position embeddings for a {h}×{w} patch grid (this encoder keeps \
+                 only {cached:?})"
+            );
+        };
         let (g, hidden) = (self.pos_grid, self.hidden);
         // Read the grid where it is, in its stored dtype: converting all of it to f32 would
         // briefly take more memory than the whole vision encoder's weights.
-        let grid = self.pos_embed.to_device(&Device::Cpu)?.contiguous()?;
+        let grid = pos_embed.to_device(&Device::Cpu)?.contiguous()?;
         let data = {
             let (storage, layout) = grid.storage_and_layout();
             let n = g * g * hidden;
@@ -445,7 +435,7 @@ impl RadioEncoder {
         };
         let t = Tensor::from_vec(data, (1, h * w, self.hidden), &Device::Cpu)?
             .to_dtype(self.dtype)?
-            .to_device(self.pos_embed.device())?;
+            .to_device(pos_embed.device())?;
         if let Ok(mut cache) = self.pos_cache.write() {
             cache.insert((h, w), t.clone());
         }
@@ -681,6 +671,12 @@ mod tests {
         assert!(diff < 1e-5, "tile 1 depends on tile 0: {diff}");
         // Non-square grid: 2×3 patches.
         assert_eq!(enc.forward(&r(&[1, 3, 4, 6], 8)?)?.dims(), &[1, 6, hidden]);
+        // Without the grid: the cached sizes still run, the same; others are refused.
+        let mut enc = enc;
+        enc.release_position_grid();
+        let again = enc.forward(&tiles)?;
+        assert_eq!((again - out)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        assert!(enc.forward(&r(&[1, 3, 8, 8], 8)?).is_err());
         Ok(())
     }
 }

@@ -37,8 +37,10 @@ impl NemotronVl {
         let tile_size = cfg.force_image_size;
         let vision_cfg = RadioConfig::from_vision_config(&cfg.vision_config)
             .context("config.json: vision_config")?;
-        let vision = RadioEncoder::load(&vision_cfg, vb.pp(RADIO_PREFIX), &[tile_size])
+        let mut vision = RadioEncoder::load(&vision_cfg, vb.pp(RADIO_PREFIX), &[tile_size])
             .context("loading the RADIO vision encoder")?;
+        // Tiles are always `tile_size` square (preprocessing resizes to it).
+        vision.release_position_grid();
         let projector =
             Projector::load(vb.pp(PROJECTOR_PREFIX)).context("loading the mlp1 projector")?;
         let llm = NemotronH::new(&cfg.llm_config, vb.pp(LLM_PREFIX))
@@ -52,6 +54,8 @@ impl NemotronVl {
             config,
         };
         model.check_shapes_chain()?;
+        // Loading frees many weight-sized temporaries (dtype checks, conversions).
+        crate::memory::release_free_memory();
         Ok(model)
     }
 
@@ -114,6 +118,9 @@ impl NemotronVl {
         let shuffled = pixel_shuffle(&features, (side, side), self.config.model.downsample_ratio)?;
         let embeds = self.projector.forward(&shuffled)?; // [n, tokens, hidden]
         let (n, tokens, hidden) = embeds.dims3()?;
+        if self.device().is_cpu() {
+            crate::memory::release_after_pass(features.dim(0)? * features.dim(1)?);
+        }
         Ok(embeds.reshape((n * tokens, hidden))?)
     }
 
