@@ -20,10 +20,15 @@ use candle_core::{CpuStorage, DType, Module, Result, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 
+use super::bf16_tiles;
 pub use super::cpu_math::Activation;
 use super::cpu_math::{bf16_to_f32, bias_act_rows};
 
-/// Up to this many rows go through the BF16 matrix-vector path.
+/// Rows that go through the BF16 register tiles (AVX-512) when the CPU has them. A single
+/// row is bound by memory, where the matrix-vector path below streams the weights faster.
+const TILES_MIN_ROWS: usize = 2;
+const TILES_MAX_ROWS: usize = 64;
+/// Else up to this many rows go through the BF16 matrix-vector path.
 const GEMV_MAX_ROWS: usize = 16;
 /// Activation rows the matrix-vector kernel handles per pass over a weight row.
 const GEMV_GROUP: usize = 4;
@@ -261,6 +266,16 @@ fn linear_into(
     accumulate: bool,
 ) {
     if m == 0 || n == 0 {
+        return;
+    }
+    if let Weights::Bf16(wv) = w
+        && (TILES_MIN_ROWS..=TILES_MAX_ROWS).contains(&m)
+        && bf16_tiles::available()
+    {
+        bf16_tiles::matmul(x, m, k, wv, n, out, accumulate);
+        if bias.is_some() || act != Activation::Identity {
+            bias_act_rows(out, bias, act);
+        }
         return;
     }
     if let Weights::Bf16(wv) = w
