@@ -740,12 +740,19 @@ mod tests {
         let untouched = pf.read(1)?;
         let slots = [3u32, 0, 4];
         let decode = MambaBatch::new(&[1, 1, 1], &slots, &dev)?;
-        // A mixed step: slot 0 prefills 5 tokens while the others decode.
+        // A mixed step: slot 0 prefills 5 tokens while the others decode; then a prompt
+        // longer than two CPU prefill pieces (the state carries across them).
         let mixed = MambaBatch::new(&[1, 5, 1], &slots, &dev)?;
-        for (step, (batch, t)) in [(&decode, 3), (&mixed, 7), (&decode, 3), (&decode, 3)]
-            .into_iter()
-            .enumerate()
-        {
+        let long = 2 * CPU_PREFILL_PIECE + 7;
+        let long_mixed = MambaBatch::new(&[1, long, 1], &slots, &dev)?;
+        let schedule = [
+            (&decode, 3),
+            (&mixed, 7),
+            (&decode, 3),
+            (&long_mixed, long + 2),
+            (&decode, 3),
+        ];
+        for (step, (batch, t)) in schedule.into_iter().enumerate() {
             let x = Tensor::randn(0f32, 1.0, (t, hidden), &dev)?;
             let yf = fused.forward(&x, batch, &pf)?;
             let yg = generic.forward(&x, batch, &pg)?;
