@@ -267,6 +267,7 @@ impl Mamba2 {
         self.prefill_one(proj, pool, slot)
     }
 
+    /// [`Mamba2::prefill`] of one piece, through the kernels or the candle-op path.
     fn prefill_one(&self, proj: &Tensor, pool: &MambaPool, slot: u32) -> Result<Tensor> {
         if self.device_kernels || self.fused_cpu_applies(proj) {
             return self.prefill_kernels(proj, pool, slot);
