@@ -35,7 +35,7 @@ pub fn tune_allocator() {
 /// After a forward pass over `tokens` packed tokens (or image patches): when the resident
 /// set has grown by [`RELEASE_GROWTH`] since the last release, return the heap's free
 /// pages to the OS. Not after every pass: the next pass faults its pages in again, which
-/// made 512-token prefills about 10% slower (bench_model, alternating runs).
+/// made 512-token prefills 10 to 20% slower (bench_model, alternating runs).
 pub fn release_after_pass(tokens: usize) {
     if tokens < RELEASE_MIN_TOKENS {
         return;
