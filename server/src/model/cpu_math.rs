@@ -91,6 +91,13 @@ macro_rules! dispatch {
 
 pub(crate) use dispatch;
 
+thread_local! {
+    /// Attention scores of one work item (a tile's or a sequence's query block), per pool
+    /// thread, reused across calls.
+    pub(crate) static SCORES: std::cell::RefCell<Vec<f32>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `dst [m, n] = scale · lhs [m, k] · rhs [k, n]` on the calling thread (callers run many
 /// of these in parallel). `dst` and `lhs` are row-major with the given row strides; rhs
 /// element (i, j) is at `rhs + i·rhs_rs + j·rhs_cs`.

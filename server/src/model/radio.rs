@@ -6,7 +6,6 @@
 //! tensors determine is read from their shapes. Only the head count comes
 //! from the config.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::RwLock;
 
@@ -14,7 +13,7 @@ use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, ba
 use candle_nn::{LayerNorm, VarBuilder, layer_norm};
 use serde_json::Value;
 
-use super::cpu_math::{gemm_rows, softmax_in_place};
+use super::cpu_math::{SCORES, gemm_rows, softmax_in_place};
 use super::linear::{Activation, Linear, OutPtr, load_compact, par_ranges};
 
 /// The checkpoint prefix of the weights [`RadioEncoder::load`] expects its
@@ -140,11 +139,6 @@ impl Attention {
 
 /// Query rows per attention work item: bounds the per-thread score scratch (~1 MiB).
 const QUERY_BLOCK: usize = 256;
-
-thread_local! {
-    /// Attention scores of one work item, reused across calls.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 /// Softmax attention straight from the fused qkv rows `[n, L, 3·heads·hd]` (no q/k/v
 /// copies): work items are (tile, head, query block), each two single-threaded gemms with
