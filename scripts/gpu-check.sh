@@ -6,10 +6,15 @@
 #   scripts/gpu-check.sh              # on the GPU machine (H100/H200), at most --budget s
 #   scripts/gpu-check.sh --dry-run    # the same steps on CPU with small sizes (CPU bundle:
 #                                     # scripts/gpu-bundle.sh --cpu; PYTHON=<python with torch>)
+#   scripts/gpu-check.sh --steps golden,bench,profile   # a subset, in this order
 #
 # Steps, each with its own timeout: (a) kernel_check, (b) the golden tests
 # (VLM_TEST_DEVICE=cuda), (c) bench_full on the full-size model with random weights,
 # (d) scripts/bench_reference_gpu.py (transformers) when enough of the budget is left.
+# Optional step `profile`: per phase (decode at batch 1 and 16, a 13-tile prefill, 13 vision
+# tiles), the host's issue time against the GPU's, then one run under Nsight Compute with
+# each kernel's duration summed by kernel name (profile.txt; the raw CSVs in ncu.tar.xz).
+# `bench` also runs once with VLM_CUDA_EVENT_TRACKING=1, for the cost of cudarc's events.
 # Outputs go to $OUT (else ./gpu-check-out): gpu-check.log, summary.txt, bench_full.json,
 # bench_ref.json. Exit status 0 when every step that ran passed; the speed targets are
 # reported, never enforced.
@@ -21,6 +26,7 @@ dry_run=0
 bundle=gpu-bundle
 out=${OUT:-$repo/gpu-check-out}
 budget=
+steps=kernels,golden,bench,reference
 python=${PYTHON:-python3}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,7 +34,8 @@ while [ $# -gt 0 ]; do
     --bundle) bundle=$2; shift ;;
     --out) out=$2; shift ;;
     --budget) budget=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --steps) steps=$2; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -146,8 +153,12 @@ run_step() {
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$results"
 }
 
+want() { [[ ",$steps," == *",$1,"* ]]; }
+
 # ---- (a) kernels -------------------------------------------------------------------------
-if [ -x "$bin/kernel_check" ]; then
+if ! want kernels; then
+  :
+elif [ -x "$bin/kernel_check" ]; then
   run_step kernel_check "$t_kernels" "$bin/kernel_check" "${kernel_args[@]}"
 else
   say "=== kernel_check: not in the bundle"
@@ -155,18 +166,34 @@ else
 fi
 
 # ---- (b) golden tests --------------------------------------------------------------------
-for t in llm_golden vlm_golden vision_golden; do
+want golden && for t in llm_golden vlm_golden vision_golden; do
   run_step "$t" "$t_golden" env VLM_TEST_DEVICE="$device" "$bin/$t"
 done
 
 # ---- (c) full-size benchmark -------------------------------------------------------------
 rm -f "$out/bench_full.json" "$out/bench_ref.json"
-run_step bench_full "$t_bench" "$bin/bench_full" --device "$device" --bandwidth-tbs "$bandwidth" \
-  --json "$out/bench_full.json" "${bench_args[@]}"
+if want bench; then
+  run_step bench_full "$t_bench" "$bin/bench_full" --device "$device" --bandwidth-tbs "$bandwidth" \
+    --json "$out/bench_full.json" "${bench_args[@]}"
+  # Two switches, each measured off: cudarc's per-allocation events (src/device.rs turns
+  # them off) and the fused kernels (kernels::fused_enabled: add + RMSNorm, linear
+  # epilogues, attention softmax).
+  if [ "$device" = cuda ]; then
+    run_step bench_events "$t_bench" env VLM_CUDA_EVENT_TRACKING=1 \
+      "$bin/bench_full" --device cuda --bandwidth-tbs "$bandwidth" --json "$work/bench_events.json" \
+      --tiles 1 --vision-batch 13 --runs 5 --warmup 1
+    run_step bench_unfused "$t_bench" env VLM_CUDA_FUSED=0 \
+      "$bin/bench_full" --device cuda --bandwidth-tbs "$bandwidth" --json "$work/bench_unfused.json" \
+      --tiles 1 --vision-batch 13 --runs 5 --warmup 1
+  fi
+fi
 
 # ---- (d) transformers reference ----------------------------------------------------------
 left=$((budget - SECONDS - 15))
-if [ "$left" -ge "$t_ref_min" ]; then
+want profile && left=$((left - 90))  # what the profile step needs after it
+if ! want reference; then
+  :
+elif [ "$left" -ge "$t_ref_min" ]; then
   ref_args=(--device "$device" --json "$out/bench_ref.json" --time-budget $((left - 40)))
   [ "$dry_run" = 1 ] && ref_args+=(--pattern 'M*-' --vision-layers 1 --vocab 4096 --tiles 1,2
     --batch 1,2 --decode-steps 2 --decode-context 16 --vision-batch 1 --runs 1 --warmup 0)
@@ -174,6 +201,56 @@ if [ "$left" -ge "$t_ref_min" ]; then
 else
   say "=== reference: skipped (${left}s of the budget left, needs ${t_ref_min}s)"
   printf 'reference\tskipped\t0\n' >>"$results"
+fi
+
+# ---- (e) profile ---------------------------------------------------------------------------
+if want profile; then
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  mkdir -p "$work/ncu"
+  for spec in decode:1 decode:16 prefill:1 vision:1; do
+    phase=${spec%%:*} b=${spec##*:}
+    name=$phase$([ "$b" != 1 ] && echo "$b")
+    pargs=(--device "$device" --profile "$phase" --batch "$b")
+    [ "$dry_run" = 1 ] && pargs+=(--pattern 'M*-' --vision-layers 1 --vocab 4096 --tiles 1
+      --decode-context 16 --vision-batch 1) || pargs+=(--tiles 13 --vision-batch 13)
+    run_step "host_$name" 60 "$bin/bench_full" "${pargs[@]}" --runs 7 --warmup 2
+    if [ -n "$ncu" ] && [ "$b" = 1 ]; then
+      run_step "ncu_$name" 100 "$ncu" --profile-from-start off --metrics gpu__time_duration.sum \
+        --csv --page raw --clock-control none --cache-control none \
+        --log-file "$work/ncu/$name.csv" "$bin/bench_full" "${pargs[@]}" --runs 1 --warmup 1
+    fi
+  done
+  python3 - "$work" <<'PYEOF' | tee "$out/profile.txt" | tee -a "$log"
+import csv, glob, os, re, sys
+work = sys.argv[1]
+for path in sorted(glob.glob(os.path.join(work, "ncu", "*.csv"))):
+    name = os.path.basename(path)[:-4]
+    host = open(os.path.join(work, f"host_{name}.out")).read() if os.path.exists(os.path.join(work, f"host_{name}.out")) else ""
+    m = re.search(r"host issues it in ([\d.]+) ms, done after ([\d.]+) ms", host)
+    rows = [l for l in open(path) if l.startswith('"')]
+    if len(rows) < 2:
+        print(f"{name}: no ncu rows"); continue
+    table = list(csv.reader(rows))
+    head = table[0]
+    ki, ti = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
+    by = {}
+    for r in table[1:]:
+        try:
+            ns = float(r[ti].replace(",", ""))
+        except ValueError:
+            continue  # the units row
+        k = re.sub(r"\(.*", "", r[ki])[:72]
+        c, t = by.get(k, (0, 0.0))
+        by[k] = (c + 1, t + ns)
+    total = sum(t for _, t in by.values())
+    count = sum(c for c, _ in by.values())
+    print(f"\n== {name}: {count} kernels, {total / 1e6:.2f} ms of GPU time" + (
+        f"; without the profiler the host issues it in {m.group(1)} ms and it is done after {m.group(2)} ms" if m else ""))
+    print(f"| {'kernel':72} | calls | ms | share |")
+    for k, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"| {k:72} | {c:5} | {t / 1e6:7.3f} | {100 * t / total:5.1f}% |")
+PYEOF
+  tar -C "$work" -cJf "$out/ncu.tar.xz" ncu 2>/dev/null
 fi
 
 # ---- summary -----------------------------------------------------------------------------
@@ -189,6 +266,12 @@ def load(name):
         return {}
 
 ours, ref = load("bench_full.json"), load("bench_ref.json")
+def load_work(name):
+    try:
+        return json.load(open(os.path.join(work, name)))
+    except (OSError, ValueError):
+        return {}
+events, unfused = load_work("bench_events.json"), load_work("bench_unfused.json")
 
 def get(d, key, field):
     v = d.get(key, {})
@@ -218,10 +301,12 @@ for line in open(results):
     else:
         status = "TIMEOUT" if rc in ("124", "137") else f"FAIL (rc {rc})"
         ok = False
-    bench = {"bench_full": ours, "reference": ref}.get(name)
+    bench = {"bench_full": ours, "reference": ref, "bench_events": events,
+             "bench_unfused": unfused}.get(name)
     if bench and get(bench, "decode_b1", "tok_s") is not None:
         key = "; ".join(f"{k} {fmt(get(bench, k, f), u)}" for k, f, u in
-                        [("decode_b1", "tok_s", "tok/s"), ("ttft_1", "ms", "ms")])
+                        [("decode_b1", "tok_s", "tok/s"), ("decode_b16", "tok_s", "tok/s"),
+                         ("ttft_1", "ms", "ms")])
     else:
         key = tail_of(name)  # test counts, or the last line (the error of a failed step)
     try:

@@ -79,6 +79,55 @@ struct Args {
     /// Write the results as JSON here (rewritten after every measurement).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Profile one phase instead of measuring: warm it up, time how long the host takes to
+    /// issue it against how long it takes to finish (median of --runs), then run it once
+    /// more between cuProfilerStart/Stop, for `ncu --profile-from-start off`.
+    #[arg(long, value_enum)]
+    profile: Option<Phase>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Phase {
+    /// One greedy decode step of the first --batch size, at --decode-context.
+    Decode,
+    /// The LLM prefill of the first --tiles prompt (embeddings ready, no vision).
+    Prefill,
+    /// RADIO + projector on --vision-batch tiles.
+    Vision,
+}
+
+/// Brackets the region `ncu --profile-from-start off` profiles (no-op without a profiler).
+fn profiler(on: bool) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        // Looked up at run time: the link-time libcuda stub of the build machine lacks them.
+        let name = if on {
+            c"cuProfilerStart"
+        } else {
+            c"cuProfilerStop"
+        };
+        // SAFETY: dlopen/dlsym of the driver the process already loaded; the symbol is the
+        // driver's `CUresult cuProfilerStart(void)` (or Stop), called on candle's current
+        // context.
+        let r = unsafe {
+            let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            let f = if lib.is_null() {
+                std::ptr::null_mut()
+            } else {
+                libc::dlsym(lib, name.as_ptr())
+            };
+            if f.is_null() {
+                bail!("{name:?} not found in libcuda.so.1");
+            }
+            let f: extern "C" fn() -> i32 = std::mem::transmute(f);
+            f()
+        };
+        if r != 0 {
+            bail!("{name:?} returned CUresult {r}");
+        }
+    }
+    let _ = on;
+    Ok(())
 }
 
 /// Everything that touches `NemotronH`'s per-sequence state API (which is being reworked
@@ -283,7 +332,9 @@ fn main() -> Result<()> {
     }
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("--device cuda (needs a --features cuda build)")?,
+        "cuda" => {
+            vlm_server::device::cuda(0).context("--device cuda (needs a --features cuda build)")?
+        }
         other => bail!("--device {other}: expected cpu or cuda"),
     };
     // candle has no BF16 matmul on CPU; the GPU runs the checkpoint's BF16.
@@ -345,6 +396,9 @@ fn main() -> Result<()> {
             "runs": args.runs, "warmup": args.warmup, "bandwidth_tbs": args.bandwidth_tbs,
         }),
     );
+    if let Some(phase) = args.profile {
+        return bench.profile(phase);
+    }
     // One failed measurement (say, an op missing on the GPU) is recorded, and the rest run.
     for &b in &args.batch {
         let r = bench.decode(b);
@@ -504,6 +558,88 @@ impl Bench<'_> {
                    "runs_s": total}),
         );
         Ok(())
+    }
+
+    /// `--profile`: see [`Args::profile`].
+    fn profile(&mut self, phase: Phase) -> Result<()> {
+        let (model, args, device) = (self.model, self.args, self.device);
+        let llm = &model.llm;
+        let tile = model.tile_size();
+        // Returns (host time to issue the phase, time until its result is on the host).
+        let mut run: Box<dyn FnMut() -> Result<(f64, f64)>> = match phase {
+            Phase::Decode => {
+                let b = args.batch[0];
+                let mut batch = Batch::new(llm, b)?;
+                let prompt = self.ids.take(b * args.decode_context, llm.vocab_size());
+                let embeds = llm.embed(&Tensor::new(prompt.as_slice(), device)?)?;
+                let mut next =
+                    greedy(&batch.forward(llm, &embeds, &vec![args.decode_context; b])?)?;
+                let ones = vec![1usize; b];
+                Box::new(move || {
+                    let t = Instant::now();
+                    let e = llm.embed(&Tensor::new(next.as_slice(), device)?)?;
+                    let logits = batch.forward(llm, &e, &ones)?;
+                    let issued = t.elapsed().as_secs_f64();
+                    next = greedy(&logits)?;
+                    Ok((issued, t.elapsed().as_secs_f64()))
+                })
+            }
+            Phase::Prefill => {
+                let n = args.tiles[0];
+                let pixels = Tensor::randn(0f32, 1f32, (n, 3, tile, tile), device)?;
+                let mut prompt = self.ids.take(args.text_tokens, llm.vocab_size());
+                prompt.extend(std::iter::repeat_n(
+                    model.image_context_id(),
+                    n * model.tokens_per_tile(),
+                ));
+                let embeds = model.embed_prompt(&prompt, Some(&model.encode_images(&pixels)?))?;
+                Box::new(move || {
+                    let mut batch = Batch::new(llm, 1)?;
+                    device.synchronize()?;
+                    let t = Instant::now();
+                    let logits = batch.forward(llm, &embeds, &[prompt.len()])?;
+                    let issued = t.elapsed().as_secs_f64();
+                    greedy(&logits)?;
+                    Ok((issued, t.elapsed().as_secs_f64()))
+                })
+            }
+            Phase::Vision => {
+                let n = args.vision_batch;
+                let pixels = Tensor::randn(0f32, 1f32, (n, 3, tile, tile), device)?;
+                Box::new(move || {
+                    let t = Instant::now();
+                    let out = model.encode_images(&pixels)?;
+                    let issued = t.elapsed().as_secs_f64();
+                    out.flatten_all()?
+                        .narrow(0, 0, 1)?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?;
+                    Ok((issued, t.elapsed().as_secs_f64()))
+                })
+            }
+        };
+        for _ in 0..args.warmup.max(1) {
+            run()?;
+        }
+        let times = (0..args.runs).map(|_| run()).collect::<Result<Vec<_>>>()?;
+        let issued = median(times.iter().map(|t| t.0).collect());
+        let total = median(times.iter().map(|t| t.1).collect());
+        println!(
+            "profile {phase:?}: host issues it in {:.2} ms, done after {:.2} ms (medians of {})",
+            issued * 1e3,
+            total * 1e3,
+            args.runs
+        );
+        self.report.put(
+            "profile",
+            json!({"phase": format!("{phase:?}"), "issue_ms": issued * 1e3,
+                   "total_ms": total * 1e3, "runs": args.runs}),
+        );
+        device.synchronize()?;
+        profiler(true)?;
+        run()?;
+        device.synchronize()?;
+        profiler(false)
     }
 
     /// Tiles/s of RADIO (and the projector) on a batch of `vision_batch` tiles.

@@ -22,6 +22,7 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use vlm_server::kernels::{self, reference};
+use vlm_server::model::linear::Activation;
 
 const H: usize = 128;
 const P: usize = 80;
@@ -86,7 +87,7 @@ fn main() {
     let args = Args::parse();
     let (runs, reps, dev) = match args.device.as_str() {
         "cpu" => (if args.quick { 3 } else { 5 }, 1, Device::Cpu),
-        "cuda" => match Device::new_cuda(0) {
+        "cuda" => match vlm_server::device::cuda(0) {
             Ok(d) => (20, 10, d),
             Err(e) => fail(&format!("no CUDA device: {e}")),
         },
@@ -122,12 +123,46 @@ fn run_all(ctx: &Ctx, lens: &[usize]) -> Result<Vec<Row>> {
             rows.push(check_conv_update(ctx, b, dt)?);
             rows.push(check_ssm_update(ctx, b, dt)?);
             rows.push(check_gated_norm(ctx, b, dt)?);
+            rows.push(check_add_norm(ctx, b, dt)?);
         }
+    }
+    for dt in [DType::F32, DType::BF16] {
+        // The vision encoder's fc1 (bias, GELU) and fc2 (bias, residual) on 2 tiles, and
+        // the LLM MLP's ReLU² at batch 16.
+        rows.push(check_bias_act(
+            ctx,
+            (2 * 1025, 5120),
+            Activation::GeluErf,
+            true,
+            false,
+            dt,
+        )?);
+        rows.push(check_bias_act(
+            ctx,
+            (2 * 1025, 1280),
+            Activation::Identity,
+            true,
+            true,
+            dt,
+        )?);
+        rows.push(check_bias_act(
+            ctx,
+            (16, 20480),
+            Activation::Relu2,
+            false,
+            false,
+            dt,
+        )?);
+        // LLM prefill attention: 40 heads × a 300-query chunk after 100 cached tokens; RADIO:
+        // 16 heads × 1025 tokens, unmasked.
+        rows.push(check_softmax(ctx, (40 * 300, 400), Some((300, 100)), dt)?);
+        rows.push(check_softmax(ctx, (16 * 1025, 1025), None, dt)?);
     }
     for &l in lens {
         for dt in [DType::F32, DType::BF16] {
             rows.push(check_conv_prefill(ctx, l, dt)?);
             rows.push(check_gated_norm(ctx, l, dt)?);
+            rows.push(check_add_norm(ctx, l, dt)?);
         }
         rows.push(check_ssd_scan(ctx, l)?);
     }
@@ -403,6 +438,100 @@ fn check_gated_norm(ctx: &Ctx, t: usize, dtype: DType) -> Result<Row> {
         slots_ok: true,
         median_us: secs * 1e6,
         bytes: Some(t * DI * (8 + esize(dtype)) + DI * 4),
+    })
+}
+
+/// The residual add + RMSNorm between blocks, at the LLM's hidden size (outputs in `dtype`).
+fn check_add_norm(ctx: &Ctx, t: usize, dtype: DType) -> Result<Row> {
+    const HIDDEN: usize = 5120;
+    kernels::set_poison_outputs(true);
+    let r = &mut rng(ctx, 5 + t as u64 * 10 + (dtype == DType::BF16) as u64);
+    let x = rand_dev(ctx, r, t, HIDDEN, dtype)?;
+    let delta = rand_dev(ctx, r, t, HIDDEN, dtype)?;
+    let w = rand_dev(ctx, r, 1, HIDDEN, dtype)?.flatten_all()?;
+    let (sum, h) = kernels::add_rms_norm(&x, Some(&delta), &w, EPS)?;
+    let (want_sum, want_h) =
+        reference::add_rms_norm(&host(&x)?, Some(&host(&delta)?), &host(&w)?, EPS);
+    let err = reference::max_rel_err(&host(&sum)?, &want_sum)
+        .max(reference::max_rel_err(&host(&h)?, &want_h));
+    let secs = time(ctx, || {
+        kernels::add_rms_norm(&x, Some(&delta), &w, EPS).map(drop)
+    })?;
+    Ok(Row {
+        kernel: "add_rms_norm",
+        shape: format!("T={t} D={HIDDEN}"),
+        dtype,
+        err,
+        slots_ok: true,
+        median_us: secs * 1e6,
+        bytes: Some((4 * t + 1) * HIDDEN * esize(dtype)),
+    })
+}
+
+fn check_bias_act(
+    ctx: &Ctx,
+    (r, n): (usize, usize),
+    act: Activation,
+    with_bias: bool,
+    with_residual: bool,
+    dtype: DType,
+) -> Result<Row> {
+    kernels::set_poison_outputs(true);
+    let rg = &mut rng(ctx, 7 + r as u64 + n as u64 * 3 + act as u64);
+    let y = (rand_dev(ctx, rg, r, n, dtype)? * 3.0)?;
+    let bias = with_bias
+        .then(|| rand_dev(ctx, rg, 1, n, dtype)?.flatten_all())
+        .transpose()?;
+    let res = with_residual
+        .then(|| rand_dev(ctx, rg, r, n, dtype))
+        .transpose()?;
+    let call = || kernels::bias_act(&y, bias.as_ref(), act, res.as_ref());
+    let got = host(&call()?)?;
+    let (bh, rh) = (
+        bias.as_ref().map(host).transpose()?,
+        res.as_ref().map(host).transpose()?,
+    );
+    let want = reference::bias_act(&host(&y)?, n, bh.as_deref(), act as u8, rh.as_deref());
+    let err = reference::max_rel_err(&got, &want);
+    let secs = time(ctx, || call().map(drop))?;
+    let passes = 2 + with_residual as usize;
+    Ok(Row {
+        kernel: "bias_act",
+        shape: format!(
+            "{r}x{n} {act:?}{}{}",
+            if with_bias { "+b" } else { "" },
+            if with_residual { "+r" } else { "" }
+        ),
+        dtype,
+        err,
+        slots_ok: true,
+        median_us: secs * 1e6,
+        bytes: Some(passes * r * n * esize(dtype)),
+    })
+}
+
+fn check_softmax(
+    ctx: &Ctx,
+    (r, l): (usize, usize),
+    causal: Option<(usize, usize)>,
+    dtype: DType,
+) -> Result<Row> {
+    kernels::set_poison_outputs(true);
+    let rg = &mut rng(ctx, 11 + r as u64 + l as u64);
+    let s = (rand_dev(ctx, rg, r, l, dtype)? * 8.0)?;
+    let scale = 0.088;
+    let got = host(&kernels::scaled_softmax(&s, scale, causal)?)?;
+    let want = reference::scaled_softmax(&host(&s)?, l, scale, causal);
+    let err = reference::max_rel_err(&got, &want);
+    let secs = time(ctx, || kernels::scaled_softmax(&s, scale, causal).map(drop))?;
+    Ok(Row {
+        kernel: "scaled_softmax",
+        shape: format!("{r}x{l}{}", if causal.is_some() { " causal" } else { "" }),
+        dtype,
+        err,
+        slots_ok: true,
+        median_us: secs * 1e6,
+        bytes: Some(2 * r * l * esize(dtype)),
     })
 }
 

@@ -6,6 +6,7 @@
 //! (chat template, tokenization, image-token splicing) feeding the model.
 
 pub mod api;
+pub mod device;
 pub mod download;
 pub mod engine;
 pub mod kernels;

@@ -108,7 +108,7 @@ fn init_tracing(format: LogFormat) {
 fn device_and_dtype(device: DeviceKind, dtype: Dtype) -> Result<(Device, DType)> {
     let device = match device {
         DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda => Device::new_cuda(0).context("opening CUDA device 0")?,
+        DeviceKind::Cuda => vlm_server::device::cuda(0).context("opening CUDA device 0")?,
     };
     let dtype = match (dtype, device.is_cpu()) {
         (Dtype::Auto, true) | (Dtype::F32, _) => DType::F32,

@@ -2,11 +2,11 @@
 //! JIT-loaded once per device) on candle's stream, so they order with candle's own ops.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg, result,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, result,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use half::bf16;
 
 use super::access::Locked;
@@ -17,6 +17,9 @@ const CONV1D_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv1d.ptx"));
 const SSM_UPDATE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssm_update.ptx"));
 const SSD_SCAN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ssd_scan.ptx"));
 const GATED_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gated_norm.ptx"));
+const ADD_RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/add_rms_norm.ptx"));
+const EPILOGUE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogue.ptx"));
+const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
 
 /// Conv widths the conv kernels are instantiated for (as in causal-conv1d).
 pub(crate) const CONV_WIDTHS: std::ops::RangeInclusive<usize> = 2..=4;
@@ -91,18 +94,25 @@ fn grid_dim(v: usize, axis: &str) -> Result<u32> {
 
 /// An f32 output buffer; NaN bytes first when poisoning is on.
 fn alloc_out(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    alloc_typed(dev, n)
+}
+
+/// An output buffer of n `T` (f32 or bf16, where all-ones bytes are a NaN); NaN first when
+/// poisoning is on.
+fn alloc_typed<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: every element is written by the kernel that receives it (or poisoned below).
-    let out = unsafe { dev.alloc::<f32>(n) }?;
+    let out = unsafe { dev.alloc::<T>(n) }?;
     if super::poison_outputs() {
         let stream = dev.cuda_stream();
         let (ptr, _sync) = out.device_ptr(&stream);
-        // SAFETY: `ptr` is a live allocation of n f32 on this stream; 0xFF bytes are a NaN.
-        unsafe { result::memset_d8_async(ptr, 0xFF, n * 4, stream.cu_stream()) }.w()?;
+        let bytes = n * std::mem::size_of::<T>();
+        // SAFETY: `ptr` is a live allocation of `bytes` on this stream.
+        unsafe { result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.w()?;
     }
     Ok(out)
 }
 
-fn wrap(dev: &CudaDevice, s: CudaSlice<f32>, shape: impl Into<Shape>) -> Tensor {
+fn wrap<T: CudaDType>(dev: &CudaDevice, s: CudaSlice<T>, shape: impl Into<Shape>) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
@@ -271,6 +281,173 @@ pub(crate) fn gated_rms_norm(
         unsafe { args.launch(cfg(grid, THREADS, 0)) }.w()?;
     }
     Ok(wrap(&dev, out, (t, dm)))
+}
+
+/// `locked`: x [T, D], w [D], then delta [T, D] when present; contiguous, one dtype.
+pub(crate) fn add_rms_norm(
+    locked: &Locked<'_>,
+    (t, dm): (usize, usize),
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    match locked.get(0).0.dtype() {
+        DType::F32 => add_rms_norm_typed::<f32>(locked, (t, dm), eps, "f32"),
+        DType::BF16 => add_rms_norm_typed::<bf16>(locked, (t, dm), eps, "bf16"),
+        dt => bail!("add_rms_norm: no kernel for {dt:?}"),
+    }
+}
+
+fn add_rms_norm_typed<T: CudaDType + DeviceRepr>(
+    locked: &Locked<'_>,
+    (t, dm): (usize, usize),
+    eps: f32,
+    suffix: &str,
+) -> Result<(Tensor, Tensor)> {
+    // As in add_rms_norm.cu: rows of up to REG_THREADS · PER elements stay in registers.
+    const THREADS: u32 = 512;
+    const REG_THREADS: u32 = 1024;
+    const PER: usize = 8;
+    let x = view::<T>(locked, 0)?;
+    let w = view::<T>(locked, 1)?;
+    let delta = (locked.len() > 2)
+        .then(|| view::<T>(locked, 2))
+        .transpose()?;
+    let dev = cuda_storage(locked.get(0).0)?.device.clone();
+    let (kernel, threads) = match dm <= REG_THREADS as usize * PER {
+        true => ("add_rms_norm_reg", REG_THREADS),
+        false => ("add_rms_norm", THREADS),
+    };
+    let f = dev.get_or_load_custom_func(
+        &format!("{kernel}_{suffix}"),
+        "vlm_add_rms_norm",
+        ADD_RMS_NORM_PTX,
+    )?;
+    let mut x_out = alloc_typed::<T>(&dev, t * dm)?;
+    let mut h = alloc_typed::<T>(&dev, t * dm)?;
+    {
+        let (di, null) = (int(dm, "D")?, 0u64);
+        let mut args = f.builder();
+        args.arg(&x);
+        match &delta {
+            Some(d) => args.arg(d),
+            None => args.arg(&null),
+        };
+        args.arg(&w).arg(&mut x_out).arg(&mut h).arg(&di).arg(&eps);
+        // SAFETY: argument list matches `add_rms_norm_*` in add_rms_norm.cu; shapes checked.
+        unsafe { args.launch(cfg((grid_dim(t, "x")?, 1, 1), threads, 0)) }.w()?;
+    }
+    Ok((wrap(&dev, x_out, (t, dm)), wrap(&dev, h, (t, dm))))
+}
+
+/// The dtype suffix of the kernels that take one dtype throughout (that of tensor 0).
+fn typed_suffix(locked: &Locked<'_>) -> Result<&'static str> {
+    match locked.get(0).0.dtype() {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        dt => bail!("no kernel for {dt:?}"),
+    }
+}
+
+/// `locked`: y [R, N], then bias [N] when `has_bias`, then residual [R, N] when present;
+/// contiguous, one dtype. `act`: 0 identity, 1 ReLU², 2 GELU (epilogue.cu).
+pub(crate) fn bias_act(
+    locked: &Locked<'_>,
+    (r, n): (usize, usize),
+    has_bias: bool,
+    act: i32,
+) -> Result<Tensor> {
+    match typed_suffix(locked)? {
+        "f32" => bias_act_typed::<f32>(locked, (r, n), has_bias, act, "f32"),
+        _ => bias_act_typed::<bf16>(locked, (r, n), has_bias, act, "bf16"),
+    }
+}
+
+fn bias_act_typed<T: CudaDType + DeviceRepr>(
+    locked: &Locked<'_>,
+    (r, n): (usize, usize),
+    has_bias: bool,
+    act: i32,
+    suffix: &str,
+) -> Result<Tensor> {
+    const THREADS: usize = 256; // as in epilogue.cu, two columns per thread
+    let y = view::<T>(locked, 0)?;
+    let bias = has_bias.then(|| view::<T>(locked, 1)).transpose()?;
+    let res_at = 1 + has_bias as usize;
+    let residual = (locked.len() > res_at)
+        .then(|| view::<T>(locked, res_at))
+        .transpose()?;
+    let dev = cuda_storage(locked.get(0).0)?.device.clone();
+    let f =
+        dev.get_or_load_custom_func(&format!("bias_act_{suffix}"), "vlm_epilogue", EPILOGUE_PTX)?;
+    let mut out = alloc_typed::<T>(&dev, r * n)?;
+    {
+        let (ri, ni, null) = (int(r, "R")?, int(n, "N")?, 0u64);
+        let mut args = f.builder();
+        args.arg(&y);
+        match &bias {
+            Some(b) => args.arg(b),
+            None => args.arg(&null),
+        };
+        match &residual {
+            Some(res) => args.arg(res),
+            None => args.arg(&null),
+        };
+        args.arg(&mut out).arg(&ri).arg(&ni).arg(&act);
+        let grid = (
+            grid_dim(n.div_ceil(2 * THREADS), "x")?,
+            grid_dim(r.min(65535), "y")?,
+            1,
+        );
+        // SAFETY: argument list matches `bias_act_*` in epilogue.cu; shapes checked.
+        unsafe { args.launch(cfg(grid, THREADS as u32, 0)) }.w()?;
+    }
+    Ok(wrap(&dev, out, (r, n)))
+}
+
+/// `locked`: scores [R, L], contiguous. `(len, offset, causal)` as in softmax.cu.
+pub(crate) fn scaled_softmax(
+    locked: &Locked<'_>,
+    (r, l): (usize, usize),
+    scale: f32,
+    causal: (usize, usize, bool),
+) -> Result<Tensor> {
+    match typed_suffix(locked)? {
+        "f32" => scaled_softmax_typed::<f32>(locked, (r, l), scale, causal, "f32"),
+        _ => scaled_softmax_typed::<bf16>(locked, (r, l), scale, causal, "bf16"),
+    }
+}
+
+fn scaled_softmax_typed<T: CudaDType + DeviceRepr>(
+    locked: &Locked<'_>,
+    (r, l): (usize, usize),
+    scale: f32,
+    (len, offset, causal): (usize, usize, bool),
+    suffix: &str,
+) -> Result<Tensor> {
+    const THREADS: u32 = 256; // as in softmax.cu
+    let s = view::<T>(locked, 0)?;
+    let dev = cuda_storage(locked.get(0).0)?.device.clone();
+    let f = dev.get_or_load_custom_func(
+        &format!("scaled_softmax_{suffix}"),
+        "vlm_softmax",
+        SOFTMAX_PTX,
+    )?;
+    let mut p = alloc_typed::<T>(&dev, r * l)?;
+    {
+        let (ri, li) = (int(r, "R")?, int(l, "L")?);
+        let (leni, offi, causali) = (int(len, "len")?, int(offset, "offset")?, causal as i32);
+        let mut args = f.builder();
+        args.arg(&s)
+            .arg(&mut p)
+            .arg(&ri)
+            .arg(&li)
+            .arg(&scale)
+            .arg(&leni)
+            .arg(&offi)
+            .arg(&causali);
+        // SAFETY: argument list matches `scaled_softmax_*` in softmax.cu; shapes checked.
+        unsafe { args.launch(cfg((grid_dim(r.min(65535), "x")?, 1, 1), THREADS, 0)) }.w()?;
+    }
+    Ok(wrap(&dev, p, (r, l)))
 }
 
 /// `locked`: x [L, C], state [K-1, C], w [K, C], then bias [C] when present.

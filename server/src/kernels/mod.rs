@@ -22,10 +22,12 @@ mod cuda;
 mod plan;
 pub mod reference;
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor, bail};
+
+use crate::model::linear::Activation;
 
 use access::{
     Locked, cpu_f32, cpu_f32_mut, cpu_rows_any, cpu_rows_f32, cpu_u32, ensure_dims, ensure_dtype,
@@ -211,6 +213,161 @@ pub fn gated_rms_norm(
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::gated_rms_norm(&locked, (t, dm), group_size, eps),
         dev => unsupported(NAME, dev),
+    }
+}
+
+/// Whether the model uses the fused GPU kernels ([`add_rms_norm`], [`bias_act`],
+/// [`scaled_softmax`]) in place of candle op sequences; `VLM_CUDA_FUSED=0` turns them off
+/// (kept to measure what they gain).
+pub fn fused_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VLM_CUDA_FUSED").as_deref() != Ok("0"))
+}
+
+/// A linear layer's epilogue in one pass: `act(y + bias) + residual`, rounded to `y`'s dtype
+/// after each stage as the separate ops are. `y` [R, N] f32/bf16, `bias` [N], `residual`
+/// [R, N], all of one dtype.
+pub fn bias_act(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    const NAME: &str = "bias_act";
+    let (r, n) = y.dims2()?;
+    ensure_dtype(NAME, "y", y, F32_BF16)?;
+    let mut all = vec![y];
+    if let Some(b) = bias {
+        ensure_dims(NAME, "bias", b, &[n])?;
+        ensure_dtype(NAME, "bias", b, &[y.dtype()])?;
+        all.push(b);
+    }
+    if let Some(res) = residual {
+        ensure_dims(NAME, "residual", res, &[r, n])?;
+        ensure_dtype(NAME, "residual", res, &[y.dtype()])?;
+        all.push(res);
+    }
+    ensure_same_device(NAME, &all)?;
+    match y.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if r > 0 && n > 0 => {
+            let y = y.contiguous()?;
+            let bias = bias.map(Tensor::contiguous).transpose()?;
+            let residual = residual.map(Tensor::contiguous).transpose()?;
+            let mut ts = vec![&y];
+            ts.extend(bias.as_ref());
+            ts.extend(residual.as_ref());
+            let code = match act {
+                Activation::Identity => 0,
+                Activation::Relu2 => 1,
+                Activation::GeluErf => 2,
+            };
+            cuda::bias_act(&Locked::new(&ts), (r, n), bias.is_some(), code)
+        }
+        _ => {
+            let y = match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y.clone(),
+            };
+            let y = match act {
+                Activation::Identity => y,
+                Activation::Relu2 => y.relu()?.sqr()?,
+                Activation::GeluErf => y.gelu_erf()?,
+            };
+            match residual {
+                Some(res) => res + y,
+                None => Ok(y),
+            }
+        }
+    }
+}
+
+/// Attention probabilities from raw scores `s` [R, L] (f32/bf16): softmax over each row of
+/// `scale · s`, computed in f32 and returned in `s`'s dtype. Rows are (head, query) pairs,
+/// query-major within a head; with `causal = Some((len, offset))` row r is query
+/// `r % len` of a chunk whose first query sits at position `offset`, and it sees keys
+/// `j <= offset + r % len` (the rest get 0).
+pub fn scaled_softmax(s: &Tensor, scale: f32, causal: Option<(usize, usize)>) -> Result<Tensor> {
+    const NAME: &str = "scaled_softmax";
+    let (r, l) = s.dims2()?;
+    ensure_dtype(NAME, "scores", s, F32_BF16)?;
+    if let Some((len, offset)) = causal
+        && (len == 0 || offset + len > l || !r.is_multiple_of(len))
+    {
+        bail!("{NAME}: causal chunk of {len} queries at {offset} does not fit [{r}, {l}] scores");
+    }
+    match s.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if r > 0 && l > 0 => {
+            let s = s.contiguous()?;
+            let (len, offset, causal) = match causal {
+                Some((len, offset)) => (len, offset, true),
+                None => (1, 0, false),
+            };
+            cuda::scaled_softmax(&Locked::new(&[&s]), (r, l), scale, (len, offset, causal))
+        }
+        _ => {
+            let x = (s.to_dtype(DType::F32)? * scale as f64)?;
+            let x = match causal {
+                Some((len, offset)) => {
+                    let mask: Vec<f32> = (0..r)
+                        .flat_map(|row| {
+                            let seen = offset + row % len + 1;
+                            (0..l).map(move |j| if j < seen { 0.0 } else { f32::NEG_INFINITY })
+                        })
+                        .collect();
+                    (x + Tensor::from_vec(mask, (r, l), s.device())?)?
+                }
+                None => x,
+            };
+            candle_nn::ops::softmax_last_dim(&x)?.to_dtype(s.dtype())
+        }
+    }
+}
+
+/// The residual add between two blocks fused with the next block's RMSNorm: `x` [T, D] and
+/// `delta` [T, D] (None: no add), `w` [D], all of one dtype (f32 or bf16). Returns
+/// (x' = x + delta, h = w · round(x' · rsqrt(mean(x'²) + eps))) with the roundings of the
+/// separate ops (the sum and the normalized value in the dtype; the mean in f32). On the GPU
+/// this is one launch instead of five (add, two casts, norm, weight); elsewhere it is those
+/// ops.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    const NAME: &str = "add_rms_norm";
+    let (t, dm) = x.dims2()?;
+    ensure_dtype(NAME, "x", x, F32_BF16)?;
+    ensure_dims(NAME, "w", w, &[dm])?;
+    ensure_dtype(NAME, "w", w, &[x.dtype()])?;
+    if let Some(d) = delta {
+        ensure_dims(NAME, "delta", d, &[t, dm])?;
+        ensure_dtype(NAME, "delta", d, &[x.dtype()])?;
+        ensure_same_device(NAME, &[x, d, w])?;
+    } else {
+        ensure_same_device(NAME, &[x, w])?;
+    }
+    match x.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if t > 0 => {
+            let (x, w) = (x.contiguous()?, w.contiguous()?);
+            let d = delta.map(Tensor::contiguous).transpose()?;
+            let mut ts = vec![&x, &w];
+            ts.extend(d.as_ref());
+            cuda::add_rms_norm(&Locked::new(&ts), (t, dm), eps)
+        }
+        _ => {
+            let x = match delta {
+                Some(d) => (x + d)?,
+                None => x.clone(),
+            };
+            let ones = Tensor::ones(dm, DType::F32, x.device())?;
+            let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &ones, eps)?;
+            let h = normed.to_dtype(x.dtype())?.broadcast_mul(w)?;
+            Ok((x, h))
+        }
     }
 }
 

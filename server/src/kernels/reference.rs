@@ -166,6 +166,91 @@ pub fn gated_norm(y: &[f32], z: &[f32], w: &[f32], group_size: usize, eps: f32) 
     out
 }
 
+/// The residual add and RMSNorm of [`crate::kernels::add_rms_norm`] in f64, without the
+/// roundings: (x + delta, w · s / sqrt(mean(s²) + eps)) per row of `dim`.
+pub fn add_rms_norm(x: &[f32], delta: Option<&[f32]>, w: &[f32], eps: f32) -> (Vec<f64>, Vec<f64>) {
+    let dim = w.len();
+    let sum: Vec<f64> = match delta {
+        Some(d) => x
+            .iter()
+            .zip(d)
+            .map(|(&a, &b)| a as f64 + b as f64)
+            .collect(),
+        None => x.iter().map(|&a| a as f64).collect(),
+    };
+    let mut h = vec![0f64; sum.len()];
+    for (row, out) in sum.chunks(dim).zip(h.chunks_mut(dim)) {
+        let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / dim as f64 + eps as f64).sqrt();
+        for ((o, v), wv) in out.iter_mut().zip(row).zip(w) {
+            *o = v * inv * *wv as f64;
+        }
+    }
+    (sum, h)
+}
+
+/// [`crate::kernels::bias_act`] in f64: `act(y + bias) + residual` over rows of `n`
+/// (`act`: 0 identity, 1 ReLU², 2 exact-erf GELU).
+pub fn bias_act(
+    y: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    act: u8,
+    residual: Option<&[f32]>,
+) -> Vec<f64> {
+    y.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let v = v as f64 + bias.map_or(0.0, |b| b[i % n] as f64);
+            let v = match act {
+                1 => v.max(0.0).powi(2),
+                2 => 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2)),
+                _ => v,
+            };
+            v + residual.map_or(0.0, |r| r[i] as f64)
+        })
+        .collect()
+}
+
+/// erf(x) to ~1e-13 (Abramowitz–Stegun 7.1.26 is too coarse for a reference): the series
+/// for |x| < 3, else the asymptotic 1 − erfc.
+fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 3.0 {
+        // erf(a) = 2/√π Σ (−1)^k a^(2k+1) / (k! (2k+1))
+        let (mut term, mut sum, mut k) = (a, a, 0.0);
+        while term.abs() > 1e-17 * sum.abs() {
+            k += 1.0;
+            term *= -a * a / k;
+            sum += term / (2.0 * k + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(a) ≈ e^(−a²)/(a√π) (1 − 1/(2a²) + 3/(4a⁴) − 15/(8a⁶))
+        let a2 = a * a;
+        let s = 1.0 - 1.0 / (2.0 * a2) + 3.0 / (4.0 * a2 * a2) - 15.0 / (8.0 * a2 * a2 * a2);
+        1.0 - (-a2).exp() / (a * std::f64::consts::PI.sqrt()) * s
+    };
+    r.copysign(x)
+}
+
+/// [`crate::kernels::scaled_softmax`] in f64 over rows of `l`.
+pub fn scaled_softmax(s: &[f32], l: usize, scale: f32, causal: Option<(usize, usize)>) -> Vec<f64> {
+    let mut out = vec![0f64; s.len()];
+    for (row, (sr, o)) in s.chunks(l).zip(out.chunks_mut(l)).enumerate() {
+        let seen = causal.map_or(l, |(len, offset)| offset + row % len + 1);
+        let x: Vec<f64> = sr[..seen]
+            .iter()
+            .map(|&v| v as f64 * scale as f64)
+            .collect();
+        let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = x.iter().map(|v| (v - m).exp()).sum();
+        for (o, v) in o.iter_mut().zip(&x) {
+            *o = (v - m).exp() / sum;
+        }
+    }
+    out
+}
+
 /// Max-norm relative error max|got − want| / max|want| (the reference's largest magnitude,
 /// floored at 1e-30); a NaN or infinity in `got`, or a length mismatch, gives +inf, so it
 /// never passes a bound.

@@ -140,3 +140,140 @@ fn scan_plan_fits_the_block_and_shared_memory() {
         }
     }
 }
+
+#[test]
+fn add_rms_norm_matches_reference_in_f32_and_bf16() {
+    use candle_core::{DType, Device, Tensor};
+    let (t, d) = (3, 40);
+    let r = &mut StdRng::seed_from_u64(7);
+    let (x, dl, w) = (
+        uniform(r, t * d, -2.0, 2.0),
+        uniform(r, t * d, -2.0, 2.0),
+        uniform(r, d, 0.5, 1.5),
+    );
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+        let dev = &Device::Cpu;
+        let tensor = |v: &[f32], shape: &[usize]| {
+            Tensor::from_slice(v, shape, dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let host = |v: &Tensor| -> Vec<f32> {
+            v.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        // The reference gets the inputs as rounded to the dtype.
+        let (xt, dt, wt) = (tensor(&x, &[t, d]), tensor(&dl, &[t, d]), tensor(&w, &[d]));
+        for delta in [Some(&dt), None] {
+            let (sum, h) = super::add_rms_norm(&xt, delta, &wt, 1e-5).unwrap();
+            let dh = delta.map(host);
+            let (want_sum, want_h) =
+                reference::add_rms_norm(&host(&xt), dh.as_deref(), &host(&wt), 1e-5);
+            for (what, got, want) in [("sum", host(&sum), want_sum), ("h", host(&h), want_h)] {
+                let err = reference::max_rel_err(&got, &want);
+                assert!(err < tol, "{dtype:?} {what}: max relative error {err:e}");
+            }
+        }
+    }
+}
+
+/// Runs `f` on `dtype` copies of the inputs and compares with the f64 `want` of the inputs
+/// as rounded to `dtype`.
+fn on_cpu_as(
+    dtype: candle_core::DType,
+    inputs: &[(&[f32], &[usize])],
+    f: impl Fn(&[candle_core::Tensor]) -> candle_core::Tensor,
+    want: impl Fn(&[Vec<f32>]) -> Vec<f64>,
+) -> f64 {
+    use candle_core::{DType, Device, Tensor};
+    let ts: Vec<Tensor> = inputs
+        .iter()
+        .map(|(v, shape)| {
+            Tensor::from_slice(v, *shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        })
+        .collect();
+    let host = |t: &Tensor| -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let rounded: Vec<Vec<f32>> = ts.iter().map(host).collect();
+    reference::max_rel_err(&host(&f(&ts)), &want(&rounded))
+}
+
+#[test]
+fn bias_act_matches_reference() {
+    use crate::model::linear::Activation;
+    use candle_core::DType;
+    let (r, n) = (5, 12);
+    let rng = &mut StdRng::seed_from_u64(9);
+    let (y, b, res) = (
+        uniform(rng, r * n, -3.0, 3.0),
+        uniform(rng, n, -1.0, 1.0),
+        uniform(rng, r * n, -1.0, 1.0),
+    );
+    let inputs: [(&[f32], &[usize]); 3] = [(&y, &[r, n]), (&b, &[n]), (&res, &[r, n])];
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 2e-2)] {
+        for (act, code) in [
+            (Activation::Identity, 0),
+            (Activation::Relu2, 1),
+            (Activation::GeluErf, 2),
+        ] {
+            for (with_bias, with_res) in [(true, true), (false, false), (true, false)] {
+                let err = on_cpu_as(
+                    dtype,
+                    &inputs,
+                    |t| {
+                        let bias = with_bias.then_some(&t[1]);
+                        let resid = with_res.then_some(&t[2]);
+                        super::bias_act(&t[0], bias, act, resid).unwrap()
+                    },
+                    |v| {
+                        let bias = with_bias.then_some(v[1].as_slice());
+                        let resid = with_res.then_some(v[2].as_slice());
+                        reference::bias_act(&v[0], n, bias, code, resid)
+                    },
+                );
+                assert!(
+                    err < tol,
+                    "{dtype:?} {act:?} bias {with_bias} residual {with_res}: {err:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn scaled_softmax_matches_reference_causal_and_not() {
+    use candle_core::DType;
+    // 2 heads × a chunk of 3 queries at offset 4 (7 keys), and the same rows unmasked.
+    let (len, offset, heads) = (3, 4, 2);
+    let l = offset + len;
+    let s = uniform(&mut StdRng::seed_from_u64(11), heads * len * l, -4.0, 4.0);
+    let inputs: [(&[f32], &[usize]); 1] = [(&s, &[heads * len, l])];
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+        for causal in [Some((len, offset)), None] {
+            let err = on_cpu_as(
+                dtype,
+                &inputs,
+                |t| super::scaled_softmax(&t[0], 0.7, causal).unwrap(),
+                |v| reference::scaled_softmax(&v[0], l, 0.7, causal),
+            );
+            assert!(err < tol, "{dtype:?} causal {causal:?}: {err:e}");
+        }
+    }
+    // A chunk that does not fit its scores is an error, not a wrong answer.
+    let t = candle_core::Tensor::zeros((6, 5), DType::F32, &candle_core::Device::Cpu).unwrap();
+    assert!(super::scaled_softmax(&t, 1.0, Some((3, 4))).is_err());
+}

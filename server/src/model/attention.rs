@@ -8,6 +8,7 @@ use super::config::NemotronHConfig;
 use super::cpu_math::{SCORES, dispatch, gemm_rows, softmax_in_place};
 use super::linear::{Linear, OutPtr, par_ranges};
 use super::state::{KvCache, cat_rows};
+use crate::kernels;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -85,8 +86,21 @@ impl Attention {
             // Query head h uses kv head h / rep: group the rep query heads of a kv head
             // into the rows of one matmul. [kv, rep*len, hd]
             let qg = qs.contiguous()?.reshape((nkv, rep * len, hd))?;
-            let scores = (qg.matmul(&k_all.transpose(1, 2)?)? * self.scale)?; // [kv, rep*len, L]
-            let scores = scores.to_dtype(DType::F32)?;
+            let raw = qg.matmul(&k_all.transpose(1, 2)?)?; // [kv, rep*len, L]
+            if raw.device().is_cuda() && kernels::fused_enabled() {
+                // Scale, causal mask and softmax in one kernel (no host-built mask).
+                let causal = (len > 1).then_some((len, offset));
+                let probs = kernels::scaled_softmax(
+                    &raw.reshape((nkv * rep * len, total))?,
+                    self.scale as f32,
+                    causal,
+                )?
+                .reshape((nkv, rep * len, total))?;
+                outs.push(heads_to_rows(&probs.matmul(&v_all)?, (nh, len, hd))?);
+                start += len;
+                continue;
+            }
+            let scores = (raw * self.scale)?.to_dtype(DType::F32)?;
             let scores = if len > 1 {
                 let mask = causal_mask(len, offset, x.device())?; // [len, L]
                 scores
@@ -97,12 +111,7 @@ impl Attention {
                 scores
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?;
-            let out = probs.matmul(&v_all)?; // [kv, rep*len, hd] = [heads, len, hd]
-            let out = out
-                .reshape((nh, len, hd))?
-                .transpose(0, 1)?
-                .reshape((len, nh * hd))?;
-            outs.push(out);
+            outs.push(heads_to_rows(&probs.matmul(&v_all)?, (nh, len, hd))?);
             start += len;
         }
         let out = cat_rows(outs)?;
@@ -358,6 +367,13 @@ fn cpu_f32(s: &Storage) -> Result<&[f32]> {
         Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
         _ => candle_core::bail!("attention: expected CPU f32 data"),
     }
+}
+
+/// Attention output [kv, rep*len, hd] (= [heads, len, hd]) as token rows [len, heads*hd].
+fn heads_to_rows(out: &Tensor, (nh, len, hd): (usize, usize, usize)) -> Result<Tensor> {
+    out.reshape((nh, len, hd))?
+        .transpose(0, 1)?
+        .reshape((len, nh * hd))
 }
 
 /// [len, offset+len] additive mask: query i (absolute offset+i) sees keys j <= offset+i.

@@ -221,8 +221,11 @@ impl NemotronH {
         }
         let batch = MambaBatch::new(seq_lens, &slots, &self.device)?;
         let mut x = embeds.to_dtype(self.dtype)?;
+        // The last block's output, added to the residual stream with the next block's norm.
+        let mut delta: Option<Tensor> = None;
         for (i, block) in self.layers.iter().enumerate() {
-            let h = block.norm.forward(&x)?;
+            let (sum, h) = block.norm.add_forward(&x, delta.as_ref())?;
+            x = sum;
             let out = match &block.mixer {
                 Mixer::Mlp(m) => m.forward(&h)?,
                 Mixer::Mamba(m) => {
@@ -247,7 +250,10 @@ impl NemotronH {
                     a.forward(&h, seq_lens, &mut caches)?
                 }
             };
-            x = (x + out)?;
+            delta = Some(out);
+        }
+        if let Some(d) = delta {
+            x = (x + d)?;
         }
         for (st, &len) in states.iter_mut().zip(seq_lens) {
             st.len += len;

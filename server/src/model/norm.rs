@@ -3,6 +3,8 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::kernels;
+
 /// `y = w * (x_f32 * rsqrt(mean(x_f32²) + eps)).to(dtype)`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -25,6 +27,21 @@ impl RmsNorm {
             ones,
             eps: eps as f32,
         })
+    }
+
+    /// `x + delta` (when given) and this norm of the sum: the residual stream between two
+    /// blocks. On the GPU one fused kernel ([`kernels::add_rms_norm`], unless
+    /// [`kernels::fused_enabled`] says no); elsewhere the separate ops. `x`, `delta`: [T, size].
+    pub fn add_forward(&self, x: &Tensor, delta: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        if x.device().is_cuda() && kernels::fused_enabled() {
+            return kernels::add_rms_norm(x, delta, &self.weight, self.eps);
+        }
+        let x = match delta {
+            Some(d) => (x + d)?,
+            None => x.clone(),
+        };
+        let h = self.forward(&x)?;
+        Ok((x, h))
     }
 
     /// `x`: [..., size] in the model dtype.

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::cpu_math::{SCORES, gemm_rows, softmax_in_place};
 use super::linear::{Activation, Linear, OutPtr, load_compact, par_ranges};
+use crate::kernels;
 
 /// The checkpoint prefix of the weights [`RadioEncoder::load`] expects its
 /// `VarBuilder` to point at.
@@ -127,10 +128,18 @@ impl Attention {
                 let qkv = qkv
                     .reshape((n, l, 3, self.num_heads, self.head_dim))?
                     .permute((2, 0, 3, 1, 4))?;
-                let q = (qkv.get(0)?.contiguous()? * scale)?;
                 let k = qkv.get(1)?.contiguous()?;
                 let v = qkv.get(2)?.contiguous()?;
-                let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // [n, heads, L, L]
+                let attn = if qkv.device().is_cuda() && kernels::fused_enabled() {
+                    // The scale inside the softmax kernel: no pass over q, one over the scores.
+                    let raw = qkv.get(0)?.contiguous()?.matmul(&k.t()?)?; // [n, heads, L, L]
+                    let rows = n * self.num_heads * l;
+                    kernels::scaled_softmax(&raw.reshape((rows, l))?, scale as f32, None)?
+                        .reshape((n, self.num_heads, l, l))?
+                } else {
+                    let q = (qkv.get(0)?.contiguous()? * scale)?;
+                    candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)? // [n, heads, L, L]
+                };
                 attn.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?
             };
         self.proj.forward_add(&out, residual)

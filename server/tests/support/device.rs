@@ -11,7 +11,7 @@ pub fn test_device() -> Device {
     DEVICE
         .get_or_init(|| match std::env::var("VLM_TEST_DEVICE").as_deref() {
             Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
-            Ok("cuda") => Device::new_cuda(0)
+            Ok("cuda") => vlm_server::device::cuda(0)
                 .expect("VLM_TEST_DEVICE=cuda needs a GPU and a build with `--features cuda`"),
             Ok(other) => panic!("VLM_TEST_DEVICE={other:?}: expected `cpu` or `cuda`"),
         })
