@@ -175,16 +175,21 @@ rm -f "$out/bench_full.json" "$out/bench_ref.json"
 if want bench; then
   run_step bench_full "$t_bench" "$bin/bench_full" --device "$device" --bandwidth-tbs "$bandwidth" \
     --json "$out/bench_full.json" "${bench_args[@]}"
-  # Two switches, each measured off: cudarc's per-allocation events (src/device.rs turns
-  # them off) and the fused kernels (kernels::fused_enabled: add + RMSNorm, linear
-  # epilogues, attention softmax).
+  # The switches, each measured off against the run above (same machine, same run):
+  # VLM_CUDA_FUSED=0: no fused kernels (add + RMSNorm, linear epilogues, attention softmax);
+  # VLM_CUDA_GEMV=0: cuBLAS for the decode matmuls; VLM_CUDA_EVENT_TRACKING=1: cudarc's
+  # per-allocation events back on; VLM_SSD_SCAN_E=16: the other prefill-scan layout.
   if [ "$device" = cuda ]; then
-    run_step bench_events "$t_bench" env VLM_CUDA_EVENT_TRACKING=1 \
-      "$bin/bench_full" --device cuda --bandwidth-tbs "$bandwidth" --json "$work/bench_events.json" \
-      --tiles 1 --vision-batch 13 --runs 5 --warmup 1
-    run_step bench_unfused "$t_bench" env VLM_CUDA_FUSED=0 \
-      "$bin/bench_full" --device cuda --bandwidth-tbs "$bandwidth" --json "$work/bench_unfused.json" \
-      --tiles 1 --vision-batch 13 --runs 5 --warmup 1
+    for variant in \
+        "unfused|VLM_CUDA_FUSED=0|--tiles 1,13 --vision-batch 13" \
+        "cublas|VLM_CUDA_GEMV=0|--tiles 1 --vision-batch 1" \
+        "events|VLM_CUDA_EVENT_TRACKING=1|--tiles 1 --vision-batch 1" \
+        "scan16|VLM_SSD_SCAN_E=16|--batch 1 --tiles 13 --vision-batch 1"; do
+      IFS='|' read -r vname venv vargs <<<"$variant"
+      # shellcheck disable=SC2086  # vargs is a word list
+      run_step "bench_$vname" "$t_bench" env "$venv" "$bin/bench_full" --device cuda \
+        --bandwidth-tbs "$bandwidth" --json "$work/bench_$vname.json" $vargs --runs 5 --warmup 1
+    done
   fi
 fi
 
@@ -271,7 +276,6 @@ def load_work(name):
         return json.load(open(os.path.join(work, name)))
     except (OSError, ValueError):
         return {}
-events, unfused = load_work("bench_events.json"), load_work("bench_unfused.json")
 
 def get(d, key, field):
     v = d.get(key, {})
@@ -301,12 +305,14 @@ for line in open(results):
     else:
         status = "TIMEOUT" if rc in ("124", "137") else f"FAIL (rc {rc})"
         ok = False
-    bench = {"bench_full": ours, "reference": ref, "bench_events": events,
-             "bench_unfused": unfused}.get(name)
+    bench = {"bench_full": ours, "reference": ref}.get(name)
+    if bench is None and name.startswith("bench_"):
+        bench = load_work(name + ".json")
     if bench and get(bench, "decode_b1", "tok_s") is not None:
         key = "; ".join(f"{k} {fmt(get(bench, k, f), u)}" for k, f, u in
                         [("decode_b1", "tok_s", "tok/s"), ("decode_b16", "tok_s", "tok/s"),
-                         ("ttft_1", "ms", "ms")])
+                         ("ttft_1", "ms", "ms"), ("ttft_13", "ms", "ms")]
+                        if get(bench, k, f) is not None)
     else:
         key = tail_of(name)  # test counts, or the last line (the error of a failed step)
     try:

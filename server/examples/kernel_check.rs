@@ -126,6 +126,26 @@ fn run_all(ctx: &Ctx, lens: &[usize]) -> Result<Vec<Row>> {
             rows.push(check_add_norm(ctx, b, dt)?);
         }
     }
+    // Every decode matmul shape of the full-size LLM (in_proj, out_proj, MLP up and down,
+    // attention q/o and k/v, lm_head), 1 and 4 rows: the kernel and cuBLAS side by side.
+    let gemv_shapes: &[(usize, usize)] = if ctx.dev.is_cuda() {
+        &[
+            (22656, 5120),
+            (5120, 10240),
+            (20480, 5120),
+            (5120, 20480),
+            (5120, 5120),
+            (1024, 5120),
+            (131072, 5120),
+        ]
+    } else {
+        &[(1000, 512)] // the CPU dry run: the code path, not the sizes
+    };
+    for &(n, k) in gemv_shapes {
+        for m in [1, 4] {
+            rows.extend(check_gemv(ctx, m, n, k)?);
+        }
+    }
     for dt in [DType::F32, DType::BF16] {
         // The vision encoder's fc1 (bias, GELU) and fc2 (bias, residual) on 2 tiles, and
         // the LLM MLP's ReLU² at batch 16.
@@ -165,6 +185,18 @@ fn run_all(ctx: &Ctx, lens: &[usize]) -> Result<Vec<Row>> {
             rows.push(check_add_norm(ctx, l, dt)?);
         }
         rows.push(check_ssd_scan(ctx, l)?);
+        if ctx.dev.is_cuda() && l > 1000 {
+            // The other thread layouts of the scan kernel, to choose between them.
+            for e in ["16", "8"] {
+                // SAFETY: no other thread runs here (par_map's workers are joined).
+                unsafe { std::env::set_var("VLM_SSD_SCAN_E", e) };
+                let mut row = check_ssd_scan(ctx, l)?;
+                row.shape += &format!(" E={e}");
+                rows.push(row);
+            }
+            // SAFETY: as above.
+            unsafe { std::env::remove_var("VLM_SSD_SCAN_E") };
+        }
     }
     Ok(rows)
 }
@@ -466,6 +498,37 @@ fn check_add_norm(ctx: &Ctx, t: usize, dtype: DType) -> Result<Row> {
         median_us: secs * 1e6,
         bytes: Some((4 * t + 1) * HIDDEN * esize(dtype)),
     })
+}
+
+/// [`kernels::gemv`] and candle's matmul (cuBLAS) on the same BF16 operands.
+fn check_gemv(ctx: &Ctx, m: usize, n: usize, k: usize) -> Result<Vec<Row>> {
+    kernels::set_poison_outputs(true);
+    let rg = &mut rng(ctx, 13 + n as u64 + k as u64 * 7 + m as u64);
+    let x = rand_dev(ctx, rg, m, k, DType::BF16)?;
+    let w = (rand_dev(ctx, rg, n, k, DType::BF16)? * 0.05)?;
+    let want = reference::gemv(&host(&x)?, &host(&w)?, k);
+    let bytes = Some((n * k + m * k + m * n) * 2);
+    let mut out = Vec::new();
+    for (name, f) in [
+        (
+            "gemv",
+            &(|| kernels::gemv(&x, &w)) as &dyn Fn() -> Result<Tensor>,
+        ),
+        ("matmul (cuBLAS)", &|| x.matmul(&w.t()?)),
+    ] {
+        let err = reference::max_rel_err(&host(&f()?)?, &want);
+        let secs = time(ctx, || f().map(drop))?;
+        out.push(Row {
+            kernel: name,
+            shape: format!("M={m} N={n} K={k}"),
+            dtype: DType::BF16,
+            err,
+            slots_ok: true,
+            median_us: secs * 1e6,
+            bytes,
+        });
+    }
+    Ok(out)
 }
 
 fn check_bias_act(

@@ -12,13 +12,6 @@
 
 constexpr int THREADS = 512;
 
-__device__ __forceinline__ float round_to(float v, float) { return v; }
-__device__ __forceinline__ float round_to(float v, __nv_bfloat16) {
-    return __bfloat162float(__float2bfloat16(v));
-}
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-
 template <typename T>
 __device__ void add_rms_norm(const T* x, const T* d, const T* w, T* x_out, T* h, int D,
                              float eps) {

@@ -10,9 +10,6 @@
 
 constexpr int THREADS = 256;
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-
 // Block-wide reduction of one value per thread (max or sum) through shared memory.
 template <bool MAX>
 __device__ __forceinline__ float block_reduce(float v, float* partial) {

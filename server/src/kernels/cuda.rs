@@ -20,6 +20,7 @@ const GATED_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gated_norm.
 const ADD_RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/add_rms_norm.ptx"));
 const EPILOGUE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogue.ptx"));
 const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
+const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
 
 /// Conv widths the conv kernels are instantiated for (as in causal-conv1d).
 pub(crate) const CONV_WIDTHS: std::ops::RangeInclusive<usize> = 2..=4;
@@ -336,6 +337,31 @@ fn add_rms_norm_typed<T: CudaDType + DeviceRepr>(
         unsafe { args.launch(cfg((grid_dim(t, "x")?, 1, 1), threads, 0)) }.w()?;
     }
     Ok((wrap(&dev, x_out, (t, dm)), wrap(&dev, h, (t, dm))))
+}
+
+/// `locked`: x [M, K], w [N, K], both contiguous BF16; K % 8 == 0, 1 <= M <= 4.
+pub(crate) fn gemv(locked: &Locked<'_>, (m, n, k): (usize, usize, usize)) -> Result<Tensor> {
+    const WARPS: usize = 8; // as in gemv.cu
+    const ROWS: usize = 2;
+    let x = view::<bf16>(locked, 0)?;
+    let w = view::<bf16>(locked, 1)?;
+    // 16-byte loads: the rows must start on 16-byte boundaries (allocations are 256-aligned).
+    let aligned = |i: usize| locked.get(i).1.start_offset().is_multiple_of(8);
+    if !aligned(0) || !aligned(1) {
+        bail!("gemv: x or w does not start on a 16-byte boundary");
+    }
+    let dev = cuda_storage(locked.get(0).0)?.device.clone();
+    let f = dev.get_or_load_custom_func(&format!("gemv_bf16_m{m}"), "vlm_gemv", GEMV_PTX)?;
+    let mut y = alloc_typed::<bf16>(&dev, m * n)?;
+    {
+        let (ni, ki) = (int(n, "N")?, int(k, "K")?);
+        let mut args = f.builder();
+        args.arg(&x).arg(&w).arg(&mut y).arg(&ni).arg(&ki);
+        let grid = (grid_dim(n.div_ceil(WARPS * ROWS), "x")?, 1, 1);
+        // SAFETY: argument list matches `gemv_bf16_m*` in gemv.cu; shapes and alignment checked.
+        unsafe { args.launch(cfg(grid, (WARPS * 32) as u32, 0)) }.w()?;
+    }
+    Ok(wrap(&dev, y, (m, n)))
 }
 
 /// The dtype suffix of the kernels that take one dtype throughout (that of tensor 0).

@@ -224,6 +224,59 @@ pub fn fused_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("VLM_CUDA_FUSED").as_deref() != Ok("0"))
 }
 
+/// `VLM_SSD_SCAN_E`: the state elements per thread of the CUDA prefill scan (32, 16, 8, ...;
+/// see `ssd_scan.cu`), to compare the variants; unset or invalid: the default plan.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn scan_e_override() -> Option<usize> {
+    std::env::var("VLM_SSD_SCAN_E").ok()?.parse().ok()
+}
+
+/// Most activation rows [`gemv`] takes.
+pub const GEMV_MAX_ROWS: usize = 4;
+
+/// Whether the model multiplies through [`gemv`]: a CUDA BF16 `x` of one row [1, K] and a
+/// weight [N, K] with K a multiple of 8, unless `VLM_CUDA_GEMV=0` (kept to measure it against
+/// cuBLAS). One row only: on an H100 (kernel_check, the seven decode shapes of the full
+/// model) the kernel was faster than cuBLAS on five at one row (by up to 14%, the MLP's up
+/// projection) and within 2% on the other two; at four rows cuBLAS was faster on four of
+/// the seven, by 4 to 16%.
+pub fn gemv_applies(x: &Tensor, w: &Tensor) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("VLM_CUDA_GEMV").as_deref() != Ok("0"));
+    on && x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && matches!((x.dims(), w.dims()), ([1, k], [_, kw]) if k == kw && k.is_multiple_of(8))
+}
+
+/// `x Wᵀ` for a few activation rows: `x` [M, K], `w` [N, K] (the [out, in] layout), BF16,
+/// f32 accumulation, one rounding. On the GPU a weight-streaming kernel (decode matmuls read
+/// every weight once); elsewhere candle's matmul.
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    const NAME: &str = "gemv";
+    let (m, k) = x.dims2()?;
+    let (n, kw) = w.dims2()?;
+    if kw != k {
+        bail!("{NAME}: x has {k} columns, the weight {kw}");
+    }
+    ensure_dtype(NAME, "x", x, &[DType::BF16])?;
+    ensure_dtype(NAME, "w", w, &[DType::BF16])?;
+    ensure_same_device(NAME, &[x, w])?;
+    match x.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8) => {
+            let (x, w) = (x.contiguous()?, w.contiguous()?);
+            cuda::gemv(&Locked::new(&[&x, &w]), (m, n, k))
+        }
+        // f32 here: candle's CPU matmul has no BF16 kernel.
+        _ => x
+            .to_dtype(DType::F32)?
+            .matmul(&w.to_dtype(DType::F32)?.t()?)?
+            .to_dtype(DType::BF16)?
+            .reshape((m, n)),
+    }
+}
+
 /// A linear layer's epilogue in one pass: `act(y + bias) + residual`, rounded to `y`'s dtype
 /// after each stage as the separate ops are. `y` [R, N] f32/bf16, `bias` [N], `residual`
 /// [R, N], all of one dtype.
@@ -494,7 +547,7 @@ pub fn ssd_scan(
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda()
-        && let Some(plan) = plan::ScanPlan::new(p, n)
+        && let Some(plan) = plan::ScanPlan::with_e(p, n, scan_e_override())
     {
         let (x, dt, b, c) = (
             unit_inner(x)?,

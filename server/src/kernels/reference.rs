@@ -251,6 +251,16 @@ pub fn scaled_softmax(s: &[f32], l: usize, scale: f32, causal: Option<(usize, us
     out
 }
 
+/// `x Wᵀ` in f64: `x` [M, K], `w` [N, K] row-major; returns [M, N].
+pub fn gemv(x: &[f32], w: &[f32], k: usize) -> Vec<f64> {
+    x.chunks(k)
+        .flat_map(|xr| {
+            w.chunks(k)
+                .map(move |wr| xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum())
+        })
+        .collect()
+}
+
 /// Max-norm relative error max|got − want| / max|want| (the reference's largest magnitude,
 /// floored at 1e-30); a NaN or infinity in `got`, or a length mismatch, gives +inf, so it
 /// never passes a bound.

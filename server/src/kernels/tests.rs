@@ -116,9 +116,9 @@ fn update_plan_covers_the_state_row() {
 
 #[test]
 fn scan_plan_fits_the_block_and_shared_memory() {
-    // Full size: 4 lanes of 32 elements per row, 40 rows (5 warps) per block.
+    // Full size: 8 lanes of 16 elements per row, 20 rows (5 warps) per block.
     let full = ScanPlan::new(80, 128).expect("full-size plan");
-    assert_eq!((full.e, full.s, full.r), (32, 4, 40));
+    assert_eq!((full.e, full.s, full.r), (16, 8, 20));
     assert!(full.tch >= 32, "{full:?}");
     // The tiny test model: one lane per row.
     assert_eq!(
@@ -127,6 +127,15 @@ fn scan_plan_fits_the_block_and_shared_memory() {
     );
     // N / E must be a power of two.
     assert_eq!(ScanPlan::new(8, 5), None);
+    // A preferred E is taken when it fits, else the default.
+    let e32 = ScanPlan::with_e(80, 128, Some(32)).expect("E = 32 fits");
+    assert_eq!((e32.e, e32.s, e32.r), (32, 4, 40));
+    assert_eq!(ScanPlan::with_e(80, 128, Some(5)), Some(full));
+    assert_eq!(
+        ScanPlan::with_e(80, 128, Some(2)),
+        Some(full),
+        "N / 2 = 64 lanes > 32"
+    );
     for p in [1, 3, 8, 64, 80, 128] {
         for n in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024] {
             let Some(pl) = ScanPlan::new(p, n) else {
@@ -276,4 +285,25 @@ fn scaled_softmax_matches_reference_causal_and_not() {
     // A chunk that does not fit its scores is an error, not a wrong answer.
     let t = candle_core::Tensor::zeros((6, 5), DType::F32, &candle_core::Device::Cpu).unwrap();
     assert!(super::scaled_softmax(&t, 1.0, Some((3, 4))).is_err());
+}
+
+#[test]
+fn gemv_matches_reference() {
+    use candle_core::DType;
+    let (m, n, k) = (3, 20, 48);
+    let r = &mut StdRng::seed_from_u64(13);
+    let (x, w) = (uniform(r, m * k, -1.0, 1.0), uniform(r, n * k, -1.0, 1.0));
+    let inputs: [(&[f32], &[usize]); 2] = [(&x, &[m, k]), (&w, &[n, k])];
+    let err = on_cpu_as(
+        DType::BF16,
+        &inputs,
+        |t| super::gemv(&t[0], &t[1]).unwrap(),
+        |v| reference::gemv(&v[0], &v[1], k),
+    );
+    assert!(err < 1e-2, "max relative error {err:e}");
+    let zeros = |shape: (usize, usize)| {
+        candle_core::Tensor::zeros(shape, DType::BF16, &candle_core::Device::Cpu).unwrap()
+    };
+    let err = super::gemv(&zeros((2, 5)), &zeros((3, 4)));
+    assert!(err.is_err(), "a K mismatch must be an error");
 }

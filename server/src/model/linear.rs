@@ -90,12 +90,29 @@ impl Linear {
             return self.forward_cpu(x, epilogue);
         }
         let w = self.weight.to_dtype(x.dtype())?;
-        let y = match x.dims() {
-            [b, t, _] => x
-                .reshape((b * t, ()))?
-                .matmul(&w.t()?)?
-                .reshape((*b, *t, ()))?,
-            _ => x.broadcast_matmul(&w.t()?)?,
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        let decode = x.device().is_cuda() && rows == 1;
+        let x2 = if decode {
+            Some(x.reshape((rows, ()))?)
+        } else {
+            None
+        };
+        let y = match x2 {
+            // Decode: a weight-streaming kernel instead of cuBLAS (see kernels::gemv).
+            Some(x2) if kernels::gemv_applies(&x2, &w) => {
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = w.dim(0)?;
+                }
+                kernels::gemv(&x2, &w)?.reshape(dims)?
+            }
+            _ => match x.dims() {
+                [b, t, _] => x
+                    .reshape((b * t, ()))?
+                    .matmul(&w.t()?)?
+                    .reshape((*b, *t, ()))?,
+                _ => x.broadcast_matmul(&w.t()?)?,
+            },
         };
         let plain = self.bias.is_none() && matches!(epilogue, Epilogue::Act(Activation::Identity));
         if y.device().is_cuda() && kernels::fused_enabled() && !plain {
