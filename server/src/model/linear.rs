@@ -92,11 +92,7 @@ impl Linear {
         let w = self.weight.to_dtype(x.dtype())?;
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let decode = x.device().is_cuda() && rows == 1;
-        let x2 = if decode {
-            Some(x.reshape((rows, ()))?)
-        } else {
-            None
-        };
+        let x2 = decode.then(|| x.reshape((rows, ()))).transpose()?;
         let y = match x2 {
             // Decode: a weight-streaming kernel instead of cuBLAS (see kernels::gemv).
             Some(x2) if kernels::gemv_applies(&x2, &w) => {
