@@ -27,6 +27,19 @@ __device__ __forceinline__ float warp_sum(float v, unsigned mask, int width) {
     return v;
 }
 
+// Sum of one value per thread over a block of THREADS threads (a multiple of 32), through
+// `partial` (THREADS / 32 floats of shared memory); every thread gets the total.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v, float* partial) {
+    v = warp_sum(v, 0xffffffffu, 32);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int k = 0; k < THREADS / 32; ++k) total += partial[k];
+    return total;
+}
+
 // Lanes of this thread's warp that exist in a block of `threads` threads (the last warp may
 // be partial); shuffles must name only those.
 __device__ __forceinline__ unsigned warp_mask(int tid, int threads) {

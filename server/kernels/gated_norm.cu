@@ -19,13 +19,7 @@ __device__ void gated_norm(const float* y, int64_t y_stride, const TZ* z, int64_
         const float g = yr[i] * silu(to_f32(zr[i]));
         ss += g * g;
     }
-    ss = warp_sum(ss, 0xffffffffu, 32);
-    if ((tid & 31) == 0) partial[tid >> 5] = ss;
-    __syncthreads();
-    float total = 0.0f;
-#pragma unroll
-    for (int k = 0; k < THREADS / 32; ++k) total += partial[k];
-    const float inv = 1.0f / sqrtf(total / gs + eps);
+    const float inv = 1.0f / sqrtf(block_sum<THREADS>(ss, partial) / gs + eps);
     const float* wg = w + (int64_t)grp * gs;
     float* o = out + (int64_t)t * D + (int64_t)grp * gs;
     for (int i = tid; i < gs; i += THREADS) o[i] = yr[i] * silu(to_f32(zr[i])) * inv * wg[i];

@@ -303,22 +303,15 @@ fn add_rms_norm_typed<T: CudaDType + DeviceRepr>(
     eps: f32,
     suffix: &str,
 ) -> Result<(Tensor, Tensor)> {
-    // As in add_rms_norm.cu: rows of up to REG_THREADS · PER elements stay in registers.
-    const THREADS: u32 = 512;
-    const REG_THREADS: u32 = 1024;
-    const PER: usize = 8;
+    const THREADS: u32 = 1024; // as in add_rms_norm.cu
     let x = view::<T>(locked, 0)?;
     let w = view::<T>(locked, 1)?;
     let delta = (locked.len() > 2)
         .then(|| view::<T>(locked, 2))
         .transpose()?;
     let dev = cuda_storage(locked.get(0).0)?.device.clone();
-    let (kernel, threads) = match dm <= REG_THREADS as usize * PER {
-        true => ("add_rms_norm_reg", REG_THREADS),
-        false => ("add_rms_norm", THREADS),
-    };
     let f = dev.get_or_load_custom_func(
-        &format!("{kernel}_{suffix}"),
+        &format!("add_rms_norm_{suffix}"),
         "vlm_add_rms_norm",
         ADD_RMS_NORM_PTX,
     )?;
@@ -334,7 +327,7 @@ fn add_rms_norm_typed<T: CudaDType + DeviceRepr>(
         };
         args.arg(&w).arg(&mut x_out).arg(&mut h).arg(&di).arg(&eps);
         // SAFETY: argument list matches `add_rms_norm_*` in add_rms_norm.cu; shapes checked.
-        unsafe { args.launch(cfg((grid_dim(t, "x")?, 1, 1), threads, 0)) }.w()?;
+        unsafe { args.launch(cfg((grid_dim(t, "x")?, 1, 1), THREADS, 0)) }.w()?;
     }
     Ok((wrap(&dev, x_out, (t, dm)), wrap(&dev, h, (t, dm))))
 }

@@ -378,6 +378,11 @@ pub fn scaled_softmax(s: &Tensor, scale: f32, causal: Option<(usize, usize)>) ->
     }
 }
 
+/// Widest row the fused kernel holds in registers (add_rms_norm.cu: 1024 threads × 8); wider
+/// rows take the separate ops.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const ADD_RMS_NORM_MAX_DIM: usize = 8192;
+
 /// The residual add between two blocks fused with the next block's RMSNorm: `x` [T, D] and
 /// `delta` [T, D] (None: no add), `w` [D], all of one dtype (f32 or bf16). Returns
 /// (x' = x + delta, h = w · round(x' · rsqrt(mean(x'²) + eps))) with the roundings of the
@@ -404,7 +409,7 @@ pub fn add_rms_norm(
     }
     match x.device() {
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) if t > 0 => {
+        Device::Cuda(_) if t > 0 && dm <= ADD_RMS_NORM_MAX_DIM => {
             let (x, w) = (x.contiguous()?, w.contiguous()?);
             let d = delta.map(Tensor::contiguous).transpose()?;
             let mut ts = vec![&x, &w];
