@@ -284,17 +284,25 @@ pub(crate) fn gated_rms_norm(
     Ok(wrap(&dev, out, (t, dm)))
 }
 
+/// For kernels with one dtype throughout: `f::<f32>(args…, "f32")` or the BF16 twin, by the
+/// dtype of the first locked tensor (the suffix names the kernel variant).
+macro_rules! by_dtype {
+    ($locked:expr, $f:ident($($arg:expr),*)) => {
+        match $locked.get(0).0.dtype() {
+            DType::F32 => $f::<f32>($($arg,)* "f32"),
+            DType::BF16 => $f::<bf16>($($arg,)* "bf16"),
+            dt => bail!("{}: no kernel for {dt:?}", stringify!($f)),
+        }
+    };
+}
+
 /// `locked`: x [T, D], w [D], then delta [T, D] when present; contiguous, one dtype.
 pub(crate) fn add_rms_norm(
     locked: &Locked<'_>,
     (t, dm): (usize, usize),
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
-    match locked.get(0).0.dtype() {
-        DType::F32 => add_rms_norm_typed::<f32>(locked, (t, dm), eps, "f32"),
-        DType::BF16 => add_rms_norm_typed::<bf16>(locked, (t, dm), eps, "bf16"),
-        dt => bail!("add_rms_norm: no kernel for {dt:?}"),
-    }
+    by_dtype!(locked, add_rms_norm_typed(locked, (t, dm), eps))
 }
 
 fn add_rms_norm_typed<T: CudaDType + DeviceRepr>(
@@ -357,15 +365,6 @@ pub(crate) fn gemv(locked: &Locked<'_>, (m, n, k): (usize, usize, usize)) -> Res
     Ok(wrap(&dev, y, (m, n)))
 }
 
-/// The dtype suffix of the kernels that take one dtype throughout (that of tensor 0).
-fn typed_suffix(locked: &Locked<'_>) -> Result<&'static str> {
-    match locked.get(0).0.dtype() {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        dt => bail!("no kernel for {dt:?}"),
-    }
-}
-
 /// `locked`: y [R, N], then bias [N] when `has_bias`, then residual [R, N] when present;
 /// contiguous, one dtype. `act`: 0 identity, 1 ReLU², 2 GELU (epilogue.cu).
 pub(crate) fn bias_act(
@@ -374,10 +373,7 @@ pub(crate) fn bias_act(
     has_bias: bool,
     act: i32,
 ) -> Result<Tensor> {
-    match typed_suffix(locked)? {
-        "f32" => bias_act_typed::<f32>(locked, (r, n), has_bias, act, "f32"),
-        _ => bias_act_typed::<bf16>(locked, (r, n), has_bias, act, "bf16"),
-    }
+    by_dtype!(locked, bias_act_typed(locked, (r, n), has_bias, act))
 }
 
 fn bias_act_typed<T: CudaDType + DeviceRepr>(
@@ -429,10 +425,7 @@ pub(crate) fn scaled_softmax(
     scale: f32,
     causal: (usize, usize, bool),
 ) -> Result<Tensor> {
-    match typed_suffix(locked)? {
-        "f32" => scaled_softmax_typed::<f32>(locked, (r, l), scale, causal, "f32"),
-        _ => scaled_softmax_typed::<bf16>(locked, (r, l), scale, causal, "bf16"),
-    }
+    by_dtype!(locked, scaled_softmax_typed(locked, (r, l), scale, causal))
 }
 
 fn scaled_softmax_typed<T: CudaDType + DeviceRepr>(
