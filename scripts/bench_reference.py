@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""CPU float32 throughput of the Python reference (transformers NemotronH + RadioModel),
-the baseline for the Rust server's performance comparison.
+"""CPU throughput of the Python reference (transformers NemotronH + RadioModel), the
+baseline for the Rust server's performance comparison.
 
     python scripts/make_checkpoint.py --preset mid --out target/mid-checkpoint
     python scripts/bench_reference.py --model target/mid-checkpoint --prompt-tokens 512 \
-        --decode-tokens 64 --runs 5 [--threads N] [--mode text|image|both]
+        --decode-tokens 64 --runs 5 [--threads N] [--mode text|image|both] [--dtype bfloat16]
+
+--dtype bfloat16 runs every module in bfloat16 (transformers' own default for this
+checkpoint, whose torch_dtype is bfloat16); float32 (the default) matches the golden tests.
 
 Prints one JSON object. For each prompt kind:
   prefill_tokens_per_s = prompt_tokens / median(prefill seconds)   (one forward, no cache reuse;
@@ -66,6 +69,7 @@ def run_once(ref: Reference, ids, tiles, decode_tokens):
     t0 = time.perf_counter()
     embeds = None
     if tiles is not None:
+        tiles = tiles.to(ref.llm.dtype)
         embeds = ref.project(ref.vision_features(tiles)).reshape(-1, ref.llm.config.hidden_size)
     t_vis = time.perf_counter()
     emb = ref.embed(ids, embeds)
@@ -117,13 +121,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--mode", choices=["text", "image", "both"], default="both")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     ref = Reference(args.model)
+    dtype = getattr(torch, args.dtype)
+    for module in (ref.llm, ref.vit, ref.proj):
+        module.to(dtype)
     n_params = sum(p.numel() for m in (ref.llm, ref.vit, ref.proj) for p in m.parameters())
     result = {
-        "reference": "transformers NemotronHForCausalLM + RadioModel, float32, CPU, batch 1",
+        "reference": f"transformers NemotronHForCausalLM + RadioModel, {args.dtype}, CPU, batch 1",
         "model": args.model,
         "params": n_params,
         "threads": torch.get_num_threads(),

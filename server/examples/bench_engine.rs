@@ -19,6 +19,7 @@ use vlm_server::engine::local::{EngineOptions, LocalEngine};
 use vlm_server::engine::{
     ChatMessage, ChatRequest, ContentPart, Engine, GenerationEvent, Role, SamplingParams,
 };
+use vlm_server::model::linear::CpuMatmul;
 use vlm_server::model::nemotron_h::{LogitsFor, NemotronH};
 use vlm_server::model::state::SequenceState;
 use vlm_server::model::vlm::NemotronVl;
@@ -233,6 +234,7 @@ async fn start(model: &std::path::Path, max_num_seqs: usize) -> Arc<LocalEngine>
         prefill_chunk: 512,
         image_limits: ImageLimits::default(),
         state_memory: None,
+        cpu_matmul: CpuMatmul::current(),
     })
     .expect("engine starts");
     while !engine.is_ready() {

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
-use vlm_server::api::cli::{DeviceKind, Dtype, LogFormat, ServeArgs};
+use vlm_server::api::cli::{CpuMatmulArg, DeviceKind, Dtype, LogFormat, ServeArgs};
 use vlm_server::api::{self, Metrics};
 use vlm_server::engine::local::{EngineOptions, LocalEngine};
 use vlm_server::engine::{
     ChatMessage, ChatRequest, ContentPart, Engine, GenerationEvent, Role, SamplingParams,
 };
+use vlm_server::model::linear::CpuMatmul;
 use vlm_server::preprocess::ImageLimits;
 
 #[derive(Parser)]
@@ -59,6 +60,9 @@ struct CaptionArgs {
     device: DeviceKind,
     #[arg(long, value_enum, default_value_t = Dtype::Auto)]
     dtype: Dtype,
+    /// Precision of the activations in CPU matmuls with BF16 weights.
+    #[arg(long, value_enum, env = "VLM_CPU_MATMUL", default_value_t = CpuMatmulArg::Auto)]
+    cpu_matmul: CpuMatmulArg,
 }
 
 fn main() -> ExitCode {
@@ -117,19 +121,36 @@ fn device_and_dtype(device: DeviceKind, dtype: Dtype) -> Result<(Device, DType)>
     };
     if device.is_cpu() && dtype != DType::F32 {
         bail!(
-            "--dtype {dtype:?} is not supported on CPU (candle has no CPU half-precision matmul); use f32"
+            "--dtype {dtype:?} is not supported on CPU (the CPU path keeps activations in f32); \
+             use f32, and --cpu-matmul bf16 for BF16 matmul inputs"
         );
     }
     Ok((device, dtype))
 }
 
+/// The CPU matmul precision `choice` stands for on this machine, logged when it matters.
+fn cpu_matmul(choice: CpuMatmulArg, device: DeviceKind) -> CpuMatmul {
+    let mode = choice.resolve();
+    if device == DeviceKind::Cpu {
+        let native = CpuMatmul::bf16_native();
+        tracing::info!(?mode, avx512_bf16 = native, "CPU matmul activations");
+    }
+    mode
+}
+
 /// Engine options for a model directory on a device; callers adjust the limits.
-fn engine_options(model_dir: PathBuf, device: DeviceKind, dtype: Dtype) -> Result<EngineOptions> {
-    let (device, dtype) = device_and_dtype(device, dtype)?;
+fn engine_options(
+    model_dir: PathBuf,
+    device_kind: DeviceKind,
+    dtype: Dtype,
+    matmul: CpuMatmulArg,
+) -> Result<EngineOptions> {
+    let (device, dtype) = device_and_dtype(device_kind, dtype)?;
     Ok(EngineOptions {
         model_dir,
         device,
         dtype,
+        cpu_matmul: cpu_matmul(matmul, device_kind),
         max_num_seqs: 1,
         max_queue: 1,
         max_model_len: None,
@@ -148,7 +169,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_model_len: args.max_model_len,
         max_tiles: args.max_tiles,
         state_memory: args.state_memory,
-        ..engine_options(args.model_dir.clone(), args.device, args.dtype)?
+        ..engine_options(
+            args.model_dir.clone(),
+            args.device,
+            args.dtype,
+            args.cpu_matmul,
+        )?
     };
     let metrics = Metrics::new();
     if metrics.install_global().is_err() {
@@ -192,7 +218,12 @@ async fn shutdown_signal() {
 }
 
 async fn caption(args: CaptionArgs) -> Result<()> {
-    let options = engine_options(args.model_dir.clone(), args.device, args.dtype)?;
+    let options = engine_options(
+        args.model_dir.clone(),
+        args.device,
+        args.dtype,
+        args.cpu_matmul,
+    )?;
     let (engine, mut load_failed) = LocalEngine::start(options)?;
     while !engine.is_ready() {
         if let Ok(e) = load_failed.try_recv() {

@@ -11,6 +11,7 @@ use vlm_server::engine::{
     ChatMessage, ChatRequest, ContentPart, Engine, EngineError, FinishReason, GenerationEvent,
     Role, SamplingParams,
 };
+use vlm_server::model::linear::CpuMatmul;
 use vlm_server::preprocess::ImageLimits;
 
 fn options(max_num_seqs: usize, max_queue: usize, prefill_chunk: usize) -> EngineOptions {
@@ -25,6 +26,7 @@ fn options(max_num_seqs: usize, max_queue: usize, prefill_chunk: usize) -> Engin
         prefill_chunk,
         image_limits: ImageLimits::default(),
         state_memory: None,
+        cpu_matmul: CpuMatmul::F32,
     }
 }
 
@@ -108,14 +110,29 @@ async fn collect(engine: &LocalEngine, request: ChatRequest) -> (String, FinishR
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_results_equal_one_at_a_time() {
-    let alone = start(options(1, 64, 512)).await;
+    batched_equals_one_at_a_time(CpuMatmul::F32).await;
+}
+
+/// The same with BF16 matmul inputs, where one row and several rows take different
+/// kernels (a matrix-vector product and the BF16 dot-product tiles).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_results_equal_one_at_a_time_with_bf16_matmuls() {
+    batched_equals_one_at_a_time(CpuMatmul::Bf16).await;
+}
+
+async fn batched_equals_one_at_a_time(matmul: CpuMatmul) {
+    let with = |o: EngineOptions| EngineOptions {
+        cpu_matmul: matmul,
+        ..o
+    };
+    let alone = start(with(options(1, 64, 512))).await;
     let mut expected = Vec::new();
     for r in requests() {
         expected.push(collect(&alone, r).await);
     }
     // Small prefill chunks so prefills interleave with running decodes;
     // staggered arrivals so sequences join a batch mid-flight.
-    let batched = start(options(8, 64, 7)).await;
+    let batched = start(with(options(8, 64, 7))).await;
     let mut handles = Vec::new();
     for (i, r) in requests().into_iter().enumerate() {
         let engine = Arc::clone(&batched);

@@ -11,6 +11,7 @@ use vlm_server::engine::generate::{GenerateParams, StepControl, generate};
 use vlm_server::engine::prepare::Preparer;
 use vlm_server::engine::{ChatMessage, ChatRequest, ContentPart, Role, SamplingParams};
 use vlm_server::model::config::parse_json_lenient;
+use vlm_server::model::linear::CpuMatmul;
 use vlm_server::model::nemotron_h::LogitsFor;
 use vlm_server::model::vlm::NemotronVl;
 use vlm_server::preprocess::{ImageLimits, TilingConfig};
@@ -19,6 +20,9 @@ use vlm_server::prompt::{ChatTemplate, ImageTokens, PromptTokenizer};
 #[path = "support/device.rs"]
 mod device;
 use device::test_device;
+
+/// Largest relative error of the logits with BF16 matmul inputs (measured: see the test).
+const BF16_LOGITS_TOLERANCE: f32 = 5e-2;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -136,68 +140,77 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// Template, tokenization, vision and prefill of one golden case, each checked against
+/// the reference where it is exact; returns the prompt embeddings and every position's
+/// logits.
+fn prefill_case(f: &Fixture, case: &Value) -> (Tensor, Tensor) {
+    let name = case["name"].as_str().unwrap();
+    let request = ChatRequest {
+        messages: messages(case),
+        sampling: SamplingParams::default(),
+        max_tokens: 32,
+        stop: Vec::new(),
+        max_tiles: None,
+        ignore_eos: false,
+    };
+
+    // Template and tokenization.
+    let rendered = f.preparer.template.render(&request.messages).unwrap();
+    assert_eq!(
+        rendered,
+        case["prompt_text"].as_str().unwrap(),
+        "{name}: prompt text"
+    );
+    let prepared = f.preparer.prepare(&request).unwrap();
+    assert_eq!(
+        prepared.prompt_ids,
+        ids(&case["input_ids"]),
+        "{name}: input ids"
+    );
+
+    // Vision from our own tiles, spliced into the prompt.
+    let image_embeds = if prepared.images.is_empty() {
+        None
+    } else {
+        let tiles: Vec<Tensor> = prepared
+            .images
+            .iter()
+            .map(|t| t.to_tensor(&test_device(), DType::F32).unwrap())
+            .collect();
+        Some(
+            f.model
+                .encode_images(&Tensor::cat(&tiles, 0).unwrap())
+                .unwrap(),
+        )
+    };
+    let embeds = f
+        .model
+        .embed_prompt(&prepared.prompt_ids, image_embeds.as_ref())
+        .unwrap();
+
+    // Prefill logits at every position.
+    let pool = f.model.llm.new_pool(1).unwrap();
+    let mut state = pool.acquire(None).unwrap().unwrap();
+    let logits = f
+        .model
+        .llm
+        .forward(
+            &embeds,
+            &[prepared.prompt_ids.len()],
+            &pool,
+            &mut [&mut state],
+            LogitsFor::AllTokens,
+        )
+        .unwrap();
+    (embeds, logits)
+}
+
 #[test]
 fn every_case_matches_the_reference_end_to_end() {
     let f = fixture();
     for case in f.golden["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let request = ChatRequest {
-            messages: messages(case),
-            sampling: SamplingParams::default(),
-            max_tokens: 32,
-            stop: Vec::new(),
-            max_tiles: None,
-            ignore_eos: false,
-        };
-
-        // Template and tokenization.
-        let rendered = f.preparer.template.render(&request.messages).unwrap();
-        assert_eq!(
-            rendered,
-            case["prompt_text"].as_str().unwrap(),
-            "{name}: prompt text"
-        );
-        let prepared = f.preparer.prepare(&request).unwrap();
-        assert_eq!(
-            prepared.prompt_ids,
-            ids(&case["input_ids"]),
-            "{name}: input ids"
-        );
-
-        // Vision from our own tiles, spliced into the prompt.
-        let image_embeds = if prepared.images.is_empty() {
-            None
-        } else {
-            let tiles: Vec<Tensor> = prepared
-                .images
-                .iter()
-                .map(|t| t.to_tensor(&test_device(), DType::F32).unwrap())
-                .collect();
-            Some(
-                f.model
-                    .encode_images(&Tensor::cat(&tiles, 0).unwrap())
-                    .unwrap(),
-            )
-        };
-        let embeds = f
-            .model
-            .embed_prompt(&prepared.prompt_ids, image_embeds.as_ref())
-            .unwrap();
-
-        // Prefill logits at every position.
-        let pool = f.model.llm.new_pool(1).unwrap();
-        let mut state = pool.acquire(None).unwrap().unwrap();
-        let logits = f
-            .model
-            .llm
-            .forward(
-                &embeds,
-                &[prepared.prompt_ids.len()],
-                &pool,
-                &mut [&mut state],
-                LogitsFor::AllTokens,
-            )
-            .unwrap();
+        let (embeds, logits) = prefill_case(&f, case);
         let expected = &f.tensors[case["logits_tensor"].as_str().unwrap()];
         let err = max_rel_error(&logits, expected);
         println!("{name}: prefill logits max relative error {err:.2e}");
@@ -217,5 +230,37 @@ fn every_case_matches_the_reference_end_to_end() {
             case["greedy_text"].as_str().unwrap(),
             "{name}: greedy text"
         );
+    }
+}
+
+/// BF16 matmul inputs (the server's default on CPUs with AVX-512 BF16) stay within BF16
+/// rounding of the f32 reference, vision included, and the greedy continuation keeps
+/// the reference's first tokens.
+#[test]
+fn bf16_matmuls_stay_within_bf16_rounding_of_the_reference() {
+    CpuMatmul::set_for_thread(CpuMatmul::Bf16);
+    let f = fixture();
+    for case in f.golden["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let (embeds, logits) = prefill_case(&f, case);
+        let expected = &f.tensors[case["logits_tensor"].as_str().unwrap()];
+        let err = max_rel_error(&logits, expected);
+        println!("{name}: BF16 matmuls, prefill logits max relative error {err:.2e}");
+        assert!(
+            err <= BF16_LOGITS_TOLERANCE,
+            "{name}: logits relative error {err}"
+        );
+        // On CUDA the mode does not apply; on CPU the rounding must show.
+        if test_device().is_cpu() {
+            assert!(err > 1e-4, "{name}: BF16 mode matched f32 ({err:.2e})");
+        }
+        let params = GenerateParams {
+            max_tokens: 4,
+            ignore_eos: true,
+            ..GenerateParams::default()
+        };
+        let out = generate(&f.model.llm, &embeds, &params, |_, _| StepControl::Continue).unwrap();
+        let want = ids(&case["greedy_ids"]);
+        assert_eq!(out.tokens[..], want[..4], "{name}: first greedy ids");
     }
 }

@@ -20,6 +20,7 @@ use super::prepare::Preparer;
 use super::scheduler::{Job, Scheduler, SchedulerConfig};
 use super::{ChatRequest, Engine, EngineError, Generation, ModelInfo};
 use crate::model::config::{CheckpointConfig, parse_json_lenient};
+use crate::model::linear::CpuMatmul;
 use crate::model::nemotron_h::LogitsFor;
 use crate::model::state::{SlotMonitor, SlotUsage};
 use crate::model::vlm::NemotronVl;
@@ -44,6 +45,9 @@ pub struct EngineOptions {
     /// reserve. `None`: on CUDA a share of the memory free after loading the
     /// weights ([`super::budget::DEVICE_STATE_FRACTION`]), on CPU no byte limit.
     pub state_memory: Option<usize>,
+    /// Precision of the activations in CPU matmuls with BF16 weights, for this engine's
+    /// model thread.
+    pub cpu_matmul: CpuMatmul,
 }
 
 pub struct LocalEngine {
@@ -84,6 +88,7 @@ impl LocalEngine {
         std::thread::Builder::new()
             .name("vlm-engine".into())
             .spawn(move || {
+                CpuMatmul::set_for_thread(worker.options.cpu_matmul);
                 if let Err(e) = worker.run(jobs) {
                     tracing::error!(error = format!("{e:#}"), "the model failed to load");
                     let _ = failed_tx.send(e);

@@ -14,15 +14,16 @@
 //! of as separate tensor ops. `VLM_CPU_BF16_WEIGHTS=0` keeps f32 weights; debug builds keep
 //! them unless it is `1` (the unoptimized kernels would only slow the tests down).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use candle_core::{CpuStorage, D, DType, Module, Result, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 
-use super::bf16_tiles;
 pub use super::cpu_math::Activation;
 use super::cpu_math::{bf16_to_f32, bias_act_rows};
+use super::{bf16_dot, bf16_tiles};
 use crate::kernels;
 
 /// Rows that go through the BF16 register tiles (AVX-512) when the CPU has them. A single
@@ -36,11 +37,66 @@ const GEMV_GROUP: usize = 4;
 /// Most weights widened to f32 at a time per thread on the gemm path (1 MiB: L2-sized).
 const WIDEN_FLOATS: usize = 1 << 18;
 
+/// Precision of the activations in CPU matmuls whose weights are BF16 (a BF16 checkpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuMatmul {
+    /// Activations stay f32: the products of f32 weights. The golden tests' mode.
+    #[default]
+    F32,
+    /// Activations are rounded to BF16 first, as a BF16 GPU GEMM rounds its inputs; the
+    /// BF16 × BF16 products are exact in f32 and summed in f32. On CPUs with AVX-512 BF16
+    /// this runs twice the multiply-adds per instruction of f32.
+    Bf16,
+}
+
+impl CpuMatmul {
+    /// The mode of the layers this thread builds: its own ([`CpuMatmul::set_for_thread`]),
+    /// else `VLM_CPU_MATMUL` (`f32`, `bf16` or `auto`), else f32.
+    pub fn current() -> CpuMatmul {
+        THREAD_MODE
+            .get()
+            .unwrap_or_else(|| match std::env::var("VLM_CPU_MATMUL").as_deref() {
+                Ok("bf16") => CpuMatmul::Bf16,
+                Ok("auto") => CpuMatmul::auto(),
+                _ => CpuMatmul::F32,
+            })
+    }
+
+    /// Use `mode` for the layers this thread builds from now on (the engine sets it on its
+    /// model thread before loading; a test on its own thread).
+    pub fn set_for_thread(mode: CpuMatmul) {
+        THREAD_MODE.set(Some(mode));
+    }
+
+    /// BF16 where this CPU has the BF16 dot-product instructions, else f32.
+    pub fn auto() -> CpuMatmul {
+        if Self::bf16_native() {
+            CpuMatmul::Bf16
+        } else {
+            CpuMatmul::F32
+        }
+    }
+
+    /// Whether this CPU has the BF16 dot-product instructions (else BF16 mode rounds the
+    /// activations and multiplies on the f32 paths: the same products, slower).
+    pub fn bf16_native() -> bool {
+        bf16_dot::available()
+    }
+}
+
+thread_local! {
+    /// This thread's [`CpuMatmul`], when set.
+    static THREAD_MODE: Cell<Option<CpuMatmul>> = const { Cell::new(None) };
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// [out, in]: the model dtype, or BF16 on CPU when the f32 weight is exactly BF16.
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The CPU matmul mode of the thread that built the layer (the model's loader), kept
+    /// here because the forward pass runs on candle's worker threads.
+    matmul: CpuMatmul,
 }
 
 /// What happens to `x Wᵀ + b` before it is returned.
@@ -59,7 +115,11 @@ impl Linear {
             None
         };
         let weight = load_compact(&vb, "weight", Some((out_dim, in_dim).into()))?;
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            matmul: CpuMatmul::current(),
+        })
     }
 
     /// Wrap an existing weight (e.g. tied embeddings), [out, in].
@@ -72,7 +132,11 @@ impl Linear {
             true => exact_bf16(&weight)?.unwrap_or(weight),
             false => weight,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            matmul: CpuMatmul::current(),
+        })
     }
 
     /// `act(x Wᵀ + b)`; `x`: [..., in] -> [..., out].
@@ -202,7 +266,7 @@ impl Linear {
                 Some((bs, bl)) => Some(&cpu_f32(bs)?[bl.start_offset()..][..n]),
                 None => None,
             };
-            linear_into(xv, m, k, w, n, bv, act, &mut out, accumulate);
+            linear_into(xv, m, k, w, n, bv, act, &mut out, accumulate, self.matmul);
         }
         Tensor::from_vec(out, out_dims, x.device())
     }
@@ -298,8 +362,30 @@ fn linear_into(
     act: Activation,
     out: &mut [f32],
     accumulate: bool,
+    mode: CpuMatmul,
 ) {
     if m == 0 || n == 0 {
+        return;
+    }
+    if let Weights::Bf16(wv) = w
+        && mode == CpuMatmul::Bf16
+    {
+        let x = &x[..m * k];
+        if bf16_dot::available() && m >= TILES_MIN_ROWS {
+            let mut xb = vec![bf16::ZERO; m * k];
+            xb.convert_from_f32_slice(x);
+            let epilogue = bf16_dot::Epilogue {
+                bias,
+                act,
+                accumulate,
+            };
+            bf16_dot::matmul(&xb, m, k, wv, n, out, epilogue);
+        } else {
+            // One row is bound by memory, where the f32 matrix-vector path streams the
+            // weights fastest; without AVX-512 BF16 every size takes the f32 paths.
+            let xr: Vec<f32> = x.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+            linear_into(&xr, m, k, w, n, bias, act, out, accumulate, CpuMatmul::F32);
+        }
         return;
     }
     if let Weights::Bf16(wv) = w
@@ -586,6 +672,49 @@ mod tests {
             Linear::from_weight_with(w, None, true)?.weight.dtype(),
             DType::F32
         );
+        Ok(())
+    }
+
+    /// BF16 mode: every row count (one row, the tiles, prefill sizes, k tails) gives the f32
+    /// products of the BF16-rounded activations, bias and activation included; f32 weights
+    /// ignore the mode.
+    #[test]
+    fn bf16_mode_multiplies_rounded_activations() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, k) in [(37usize, 77usize), (300, 40), (5, 1100)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            CpuMatmul::set_for_thread(CpuMatmul::Bf16);
+            let layer = Linear::from_weight_with(w.clone(), Some(b.clone()), true)?;
+            let plain = Linear::from_weight_with(w.clone(), Some(b.clone()), false)?;
+            CpuMatmul::set_for_thread(CpuMatmul::F32);
+            for t in [1usize, 2, 5, 16, 70, 130] {
+                let x = Tensor::randn(0f32, 1.0, (t, k), &dev)?;
+                let rounded = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+                let want = rounded.matmul(&w.t()?)?.broadcast_add(&b)?.relu()?.sqr()?;
+                let exact = x.matmul(&w.t()?)?.broadcast_add(&b)?.relu()?.sqr()?;
+                let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                let y = layer.forward_act(&x, Activation::Relu2)?;
+                let err = max_abs_diff(&y, &want)? / scale;
+                assert!(
+                    err < 1e-5,
+                    "n={n} k={k} t={t}: rel err {err} against rounded inputs"
+                );
+                // The rounding is visible: BF16 mode is not the f32 product.
+                let off = max_abs_diff(&y, &exact)? / scale;
+                assert!(
+                    off > 1e-4,
+                    "n={n} k={k} t={t}: BF16 mode matched f32 ({off})"
+                );
+                let yf = plain.forward_act(&x, Activation::Relu2)?;
+                assert!(
+                    max_abs_diff(&yf, &exact)? / scale < 1e-5,
+                    "f32 weights stay f32"
+                );
+            }
+        }
         Ok(())
     }
 }
