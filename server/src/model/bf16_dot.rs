@@ -6,7 +6,9 @@
 //! and the activations are both k-contiguous, so each register tile takes dot products:
 //! 6 weight rows × up to 4 activation rows, 24 accumulators of 16 lanes that are summed
 //! once at the end of the row. Every product of two BF16 values is exact in f32; only the
-//! order of the f32 additions differs from a scalar loop.
+//! order of the f32 additions differs from a scalar loop. The activations are rounded once
+//! per call into the order the tiles read them, so a tile addresses all its rows from one
+//! pointer (with a pointer per row, the loop ran out of general registers and spilled).
 //!
 //! Loop order, for prefill-sized inputs: the columns are split into blocks, one per work
 //! item, whose weights fit in L2; a block walks the activation rows in chunks of
@@ -53,11 +55,12 @@ pub(crate) struct Epilogue<'a> {
     pub accumulate: bool,
 }
 
-/// `out [m, n] = act(x · wᵀ + bias)`, or `out += x · wᵀ + bias` with `accumulate`. Panics
-/// unless [`available`] and the slices hold the shapes.
+/// `out [m, n] = act(bf16(x) · wᵀ + bias)`, or `out += bf16(x) · wᵀ + bias` with
+/// `accumulate`, where `bf16(x)` rounds the activations to nearest even. Panics unless
+/// [`available`] and the slices hold the shapes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
-    x: &[bf16],
+    x: &[f32],
     m: usize,
     k: usize,
     w: &[bf16],
@@ -81,8 +84,10 @@ pub(crate) fn matmul(
     let blocks = tiles.div_ceil(most).max(4 * threads).min(tiles);
     let per_block = tiles.div_ceil(blocks);
     let blocks = tiles.div_ceil(per_block);
+    let packed = pack_rows(x, m, k);
+    let kp = k.next_multiple_of(32);
     let dst = OutPtr(out.as_mut_ptr());
-    let (xp, wp) = (Ptr(x.as_ptr() as *const u16), Ptr(w.as_ptr() as *const u16));
+    let (xp, wp) = (Ptr(packed.as_ptr()), Ptr(w.as_ptr() as *const u16));
     // Long rows are taken in pieces, so that a tile's weight rows stay in L1 while every
     // row of a chunk passes (the later pieces add to the output).
     let pieces = k.div_ceil(K_PIECE);
@@ -98,7 +103,7 @@ pub(crate) fn matmul(
                         while t0 < r1 {
                             let rows = TM.min(r1 - t0);
                             let tile = Tile {
-                                x: xp.at(t0 * k + k0),
+                                x: xp.at(t0 * kp + k0 * rows),
                                 w: wp.at(k0),
                                 k,
                                 len: piece.min(k - k0),
@@ -138,6 +143,72 @@ pub(crate) fn matmul(
     });
 }
 
+/// The activations rounded to BF16 in the order the tiles read them: for each tile of
+/// [`TM`] rows (fewer in the last), k in steps of 32 (the last zero-padded), each step's
+/// 32 values of every row of the tile back to back. A tile then reads all its rows from
+/// one pointer at fixed offsets, and its step-`s` values sit at `t0·kp + s·32·rows`.
+fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+    let kp = k.next_multiple_of(32);
+    let mut packed = vec![0u16; m * kp];
+    let dst = PtrMut(packed.as_mut_ptr());
+    par_ranges(m.div_ceil(TM), m * k, |tiles| {
+        for tile in tiles {
+            let t0 = tile * TM;
+            let rows = TM.min(m - t0);
+            for r in 0..rows {
+                for s in 0..kp / 32 {
+                    let (i, len) = (s * 32, 32.min(k - s * 32));
+                    // SAFETY: `available` holds (checked by the caller); row t0 + r, elements
+                    // i..i + len of x, and this tile's own 32 slots of `packed`.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        round_32(
+                            x.as_ptr().add((t0 + r) * k + i),
+                            len,
+                            dst.at(t0 * kp + s * 32 * rows + r * 32),
+                        )
+                    }
+                }
+            }
+        }
+    });
+    packed
+}
+
+/// Round `len <= 32` floats to BF16 (nearest even) into 32 slots, zero-filled past `len`.
+///
+/// # Safety
+/// AVX-512 F, BW and BF16; `src` holds `len` floats and `dst` 32 slots.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_32(src: *const f32, len: usize, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    let mask = if len >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << len) - 1
+    };
+    // SAFETY: masked-off lanes are not read; dst holds 32 slots.
+    unsafe {
+        let lo = _mm512_maskz_loadu_ps(mask as u16, src);
+        let hi = _mm512_maskz_loadu_ps((mask >> 16) as u16, src.add(16));
+        // The second operand fills the low half.
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(dst as *mut __m512i, v);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct PtrMut(*mut u16);
+// SAFETY: each worker writes its own row tiles of the packed buffer.
+unsafe impl Send for PtrMut {}
+unsafe impl Sync for PtrMut {}
+impl PtrMut {
+    fn at(&self, i: usize) -> *mut u16 {
+        self.0.wrapping_add(i)
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Ptr(*const u16);
 // SAFETY: read-only inputs shared by the workers.
@@ -150,9 +221,9 @@ impl Ptr {
     }
 }
 
-/// One register tile over `len` elements of each row: activation rows from `x` (k apart),
-/// weight rows `o0..o0 + cols` of `w` (k apart), outputs from `out` (rows n apart, column
-/// o0 on); all BF16 bits but `out`.
+/// One register tile over `len` elements of each row: activation rows from `x` (packed by
+/// [`pack_rows`], this tile's first step), weight rows `o0..o0 + cols` of `w` (k apart),
+/// outputs from `out` (rows n apart, column o0 on); all BF16 bits but `out`.
 struct Tile {
     x: *const u16,
     w: *const u16,
@@ -178,26 +249,27 @@ impl Tile {
         let wrow: [*const u16; TN] =
             std::array::from_fn(|j| self.w.wrapping_add((self.o0 + j.min(self.cols - 1)) * k));
         let mut acc = [[_mm512_setzero_ps(); TN]; R];
-        // SAFETY (all loads): full loads read i..i + 32 <= len; the tail's masked loads touch
-        // only the elements below len (masked-off lanes are not accessed).
+        // SAFETY (all loads): full weight loads read i..i + 32 <= len; the tail's masked
+        // loads touch only the elements below len (masked-off lanes are not accessed); the
+        // packed activations hold every step of 32 in full.
         unsafe {
             // One k step of 32: each weight slice is loaded once and meets every row.
             macro_rules! step {
-                ($p:ident, $i:ident => $load:expr) => {{
+                ($i:ident, $p:ident => $load:expr) => {{
                     if PREFETCH {
                         for wr in &wrow {
                             _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(TN * k + $i) as *const i8);
                         }
                     }
                     let wv: [__m512bh; TN] = std::array::from_fn(|j| {
-                        let $p = wrow[j];
+                        let $p = wrow[j].add($i);
                         $load
                     });
+                    // The packed rows are zero-padded: full loads, also in the tail.
+                    let xs = self.x.add($i * R);
                     for (r, acc_r) in acc.iter_mut().enumerate() {
-                        let xv: __m512bh = {
-                            let $p = self.x.add(r * k);
-                            $load
-                        };
+                        let xv: __m512bh =
+                            std::mem::transmute(_mm512_loadu_si512(xs.add(r * 32) as *const __m512i));
                         for (a, wj) in acc_r.iter_mut().zip(&wv) {
                             *a = _mm512_dpbf16_ps(*a, xv, *wj);
                         }
@@ -206,12 +278,12 @@ impl Tile {
             }
             let mut i = 0;
             while i + 32 <= len {
-                step!(p, i => std::mem::transmute(_mm512_loadu_si512(p.add(i) as *const __m512i)));
+                step!(i, p => std::mem::transmute(_mm512_loadu_si512(p as *const __m512i)));
                 i += 32;
             }
             if i < len {
                 let mask: __mmask32 = (1u32 << (len - i)) - 1;
-                step!(p, i => std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p.add(i) as *const i16)));
+                step!(i, p => std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p as *const i16)));
             }
             // Column j's accumulators of every row; rows beyond R sum zeros (the reduction
             // takes four vectors at a time).
@@ -297,7 +369,7 @@ mod tests {
             (5, 3000, 31),
             (7, 2100, 20),
         ] {
-            let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rnd())).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(rnd())).collect();
             let bias: Vec<f32> = (0..n).map(|_| rnd()).collect();
             let init: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
@@ -318,7 +390,8 @@ mod tests {
                     for o in 0..n {
                         let (mut dot, mut mag) = (0f64, 0f64);
                         for i in 0..k {
-                            let p = x[t * k + i].to_f64() * w[o * k + i].to_f64();
+                            let xr = bf16::from_f32(x[t * k + i]).to_f64();
+                            let p = xr * w[o * k + i].to_f64();
                             dot += p;
                             mag += p.abs();
                         }

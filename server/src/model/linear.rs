@@ -19,7 +19,6 @@ use std::cell::{Cell, RefCell};
 use candle_core::{CpuStorage, D, DType, Module, Result, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
-use half::slice::HalfFloatSliceExt;
 
 pub use super::cpu_math::Activation;
 use super::cpu_math::{bf16_to_f32, bias_act_rows};
@@ -372,14 +371,12 @@ fn linear_into(
     {
         let x = &x[..m * k];
         if bf16_dot::available() && m >= TILES_MIN_ROWS {
-            let mut xb = vec![bf16::ZERO; m * k];
-            xb.convert_from_f32_slice(x);
             let epilogue = bf16_dot::Epilogue {
                 bias,
                 act,
                 accumulate,
             };
-            bf16_dot::matmul(&xb, m, k, wv, n, out, epilogue);
+            bf16_dot::matmul(x, m, k, wv, n, out, epilogue);
         } else {
             // One row is bound by memory, where the f32 matrix-vector path streams the
             // weights fastest; without AVX-512 BF16 every size takes the f32 paths.
