@@ -25,10 +25,9 @@ const TN: usize = 6;
 /// Most activation rows per register tile.
 const TM: usize = 4;
 /// Activation rows per pass over a column block.
-const PREFETCH: bool = true;
+const ROW_CHUNK: usize = 64;
 /// Most elements of a row per pass (a 6-row weight tile of 12 KiB).
 const K_PIECE: usize = 1024;
-const ROW_CHUNK: usize = 64;
 /// Most weight bytes per column block (a share of a 1 MiB L2).
 const BLOCK_BYTES: usize = 256 << 10;
 
@@ -256,10 +255,9 @@ impl Tile {
             // One k step of 32: each weight slice is loaded once and meets every row.
             macro_rules! step {
                 ($i:ident, $p:ident => $load:expr) => {{
-                    if PREFETCH {
-                        for wr in &wrow {
-                            _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(TN * k + $i) as *const i8);
-                        }
+                    // The next tile's weight rows, while this one computes.
+                    for wr in &wrow {
+                        _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(TN * k + $i) as *const i8);
                     }
                     let wv: [__m512bh; TN] = std::array::from_fn(|j| {
                         let $p = wrow[j].add($i);
