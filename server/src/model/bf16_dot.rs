@@ -350,13 +350,7 @@ mod tests {
             eprintln!("skipped: no AVX-512 BF16 on this CPU");
             return;
         }
-        let mut seed = 11u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rnd = super::super::cpu_math::uniform_rng(11);
         for (m, k, n) in [
             (1, 32, 6),
             (3, 40, 7),

@@ -175,13 +175,7 @@ mod tests {
             eprintln!("skipped: no AVX-512F on this CPU");
             return;
         }
-        let mut seed = 7u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rnd = super::super::cpu_math::uniform_rng(7);
         for (m, k, n) in [
             (1, 16, 6),
             (3, 40, 7),

@@ -217,6 +217,17 @@ dispatch! {
     }
 }
 
+/// A seeded generator of uniform values in [-1, 1) for the kernel tests (a 64-bit LCG).
+#[cfg(test)]
+pub(crate) fn uniform_rng(mut seed: u64) -> impl FnMut() -> f32 {
+    move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
