@@ -267,14 +267,25 @@ fn conv1d_prefill_matches_reference() -> Result<()> {
 
 #[test]
 fn ssd_scan_matches_reference() -> Result<()> {
-    let sz = reference::SsmSizes {
+    // Head dims under one vector, and over one with a tail; even and odd state sizes.
+    let small = reference::SsmSizes {
         heads: 4,
         head_dim: 3,
         state: 8,
         groups: 2,
     };
-    let (h, p, n, g) = (sz.heads, sz.head_dim, sz.state, sz.groups);
-    for (seed, l, chunk) in [(13, 37, 8), (14, 5, 8), (15, 16, 16), (16, 2, 1)] {
+    let wide = reference::SsmSizes {
+        heads: 2,
+        head_dim: 20,
+        state: 7,
+        groups: 1,
+    };
+    let cases = [(small, 13, 37, 8), (small, 14, 5, 8), (small, 15, 16, 16)];
+    for (sz, seed, l, chunk) in cases
+        .into_iter()
+        .chain([(small, 16, 2, 1), (wide, 17, 9, 4)])
+    {
+        let (h, p, n, g) = (sz.heads, sz.head_dim, sz.state, sz.groups);
         let r = &mut rng(seed);
         let x = rand_t(r, &[l, h, p])?;
         let dt = tensor(uniform(r, l * h, 0.001, 0.5), &[l, h])?;

@@ -6,7 +6,7 @@ use candle_core::{Result, bail};
 use half::bf16;
 
 use super::access::{AnyRows, Rows};
-use crate::model::cpu_math::dispatch;
+use crate::model::cpu_math::{dispatch, exp};
 use crate::model::linear::{OutPtr, par_ranges};
 
 /// An input element converted to f32.
@@ -15,22 +15,23 @@ pub(crate) trait Elem: Copy + Send + Sync {
 }
 
 impl Elem for f32 {
-    #[inline]
+    #[inline(always)]
     fn f32(self) -> f32 {
         self
     }
 }
 
 impl Elem for bf16 {
-    #[inline]
+    #[inline(always)]
     fn f32(self) -> f32 {
         self.to_f32()
     }
 }
 
-#[inline]
+/// `v·sigmoid(v)`, with the branch-free exp so that loops over rows vectorize.
+#[inline(always)]
 pub(crate) fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
+    v / (1.0 + exp(-v))
 }
 
 /// softplus(v) = max(v, 0) + log1p(exp(−|v|)) (no overflow for large |v|).
@@ -47,64 +48,68 @@ pub(crate) fn dt_row<T: Elem>(dt_raw: &[T], dt_bias: &[f32], limit: (f32, f32), 
 }
 
 /// `acc[c] += w[c] * x[c]`.
-#[inline]
+#[inline(always)]
 fn axpy<T: Elem>(acc: &mut [f32], x: &[T], w: &[f32]) {
     for ((a, x), w) in acc.iter_mut().zip(x).zip(w) {
         *a += w * x.f32();
     }
 }
 
-/// Decode conv of one sequence: `state` [(K−1)·C] (oldest input row first) is shifted in
-/// place to end with `x` [C]; `out` [C] = SiLU(bias + Σ_k w[k]·input_k). `w` is [K·C].
-pub(crate) fn conv_update_row<T: Elem>(
-    state: &mut [f32],
-    x: &[T],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    let c = x.len();
-    let k = w.len() / c;
-    match bias {
-        Some(b) => out.copy_from_slice(b),
-        None => out.fill(0.0),
-    }
-    for j in 0..k - 1 {
-        axpy(out, &state[j * c..(j + 1) * c], &w[j * c..(j + 1) * c]);
-    }
-    axpy(out, x, &w[(k - 1) * c..]);
-    out.iter_mut().for_each(|v| *v = silu(*v));
-    state.copy_within(c.., 0);
-    for (s, x) in state[(k - 2) * c..].iter_mut().zip(x) {
-        *s = x.f32();
+dispatch! {
+    /// Decode conv of one sequence: `state` [(K−1)·C] (oldest input row first) is shifted in
+    /// place to end with `x` [C]; `out` [C] = SiLU(bias + Σ_k w[k]·input_k). `w` is [K·C].
+    fn conv_update_row<T: Elem>(
+        state: &mut [f32],
+        x: &[T],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let c = x.len();
+        let k = w.len() / c;
+        match bias {
+            Some(b) => out.copy_from_slice(b),
+            None => out.fill(0.0),
+        }
+        for j in 0..k - 1 {
+            axpy(out, &state[j * c..(j + 1) * c], &w[j * c..(j + 1) * c]);
+        }
+        axpy(out, x, &w[(k - 1) * c..]);
+        out.iter_mut().for_each(|v| *v = silu(*v));
+        state.copy_within(c.., 0);
+        for (s, x) in state[(k - 2) * c..].iter_mut().zip(x) {
+            *s = x.f32();
+        }
     }
 }
 
-/// Prefill conv output for token `t`: `out` [C] = SiLU(bias + Σ_k w[k]·padded[t + k]), where
-/// padded = [state; x] (`state` [(K−1)·C], `x` rows of C).
-fn conv_prefill_row<T: Elem>(
-    t: usize,
-    state: &[f32],
-    x: Rows<'_, T>,
-    w: &[f32],
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    let c = x.cols;
-    let k = w.len() / c;
-    match bias {
-        Some(b) => out.copy_from_slice(b),
-        None => out.fill(0.0),
-    }
-    for j in 0..k {
-        let (i, wj) = (t + j, &w[j * c..(j + 1) * c]);
-        if i + 1 < k {
-            axpy(out, &state[i * c..(i + 1) * c], wj);
-        } else {
-            axpy(out, x.row(i + 1 - k), wj);
+dispatch! {
+    /// Prefill conv output for token `t`: `out` [C] = SiLU(bias + Σ_k w[k]·padded[t + k]), where
+    /// padded = [state; x] (`state` [(K−1)·C], `x` rows of C).
+    fn conv_prefill_row<T: Elem>(
+        t: usize,
+        state: &[f32],
+        x: Rows<'_, T>,
+        w: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let c = x.cols;
+        let k = w.len() / c;
+        match bias {
+            Some(b) => out.copy_from_slice(b),
+            None => out.fill(0.0),
         }
+        for j in 0..k {
+            let (i, wj) = (t + j, &w[j * c..(j + 1) * c]);
+            if i + 1 < k {
+                axpy(out, &state[i * c..(i + 1) * c], wj);
+            } else {
+                axpy(out, x.row(i + 1 - k), wj);
+            }
+        }
+        out.iter_mut().for_each(|v| *v = silu(*v));
     }
-    out.iter_mut().for_each(|v| *v = silu(*v));
 }
 
 dispatch! {
@@ -186,37 +191,40 @@ pub(crate) fn ssm_update_row(
     }
 }
 
-/// Grouped gated RMSNorm of one row: g = y·silu(z); out = g / sqrt(mean_group(g²) + eps) · w.
-pub(crate) fn gated_norm_row<T: Elem>(
-    y: &[f32],
-    z: &[T],
-    w: &[f32],
-    group_size: usize,
-    eps: f32,
-    out: &mut [f32],
-) {
-    let chunks = out
-        .chunks_mut(group_size)
-        .zip(y.chunks(group_size))
-        .zip(z.chunks(group_size))
-        .zip(w.chunks(group_size));
-    for (((o, y), z), w) in chunks {
-        for ((o, &yv), zv) in o.iter_mut().zip(y).zip(z) {
-            *o = yv * silu(zv.f32());
-        }
-        let ss = sum_squares(o);
-        let inv = 1.0 / (ss / group_size as f32 + eps).sqrt();
-        for (o, w) in o.iter_mut().zip(w) {
-            *o *= inv * w;
+dispatch! {
+    /// Grouped gated RMSNorm of one row: g = y·silu(z); out = g / sqrt(mean_group(g²) + eps) · w.
+    fn gated_norm_row<T: Elem>(
+        y: &[f32],
+        z: &[T],
+        w: &[f32],
+        group_size: usize,
+        eps: f32,
+        out: &mut [f32],
+    ) {
+        let chunks = out
+            .chunks_mut(group_size)
+            .zip(y.chunks(group_size))
+            .zip(z.chunks(group_size))
+            .zip(w.chunks(group_size));
+        for (((o, y), z), w) in chunks {
+            for ((o, &yv), zv) in o.iter_mut().zip(y).zip(z) {
+                *o = yv * silu(zv.f32());
+            }
+            let ss = sum_squares(o);
+            let inv = 1.0 / (ss / group_size as f32 + eps).sqrt();
+            for (o, w) in o.iter_mut().zip(w) {
+                *o *= inv * w;
+            }
         }
     }
 }
 
+#[inline(always)]
 fn sum_squares(v: &[f32]) -> f32 {
-    let (v8, tail) = v.as_chunks::<LANES>();
-    let mut acc = [0f32; LANES];
+    let (v8, tail) = v.as_chunks::<16>();
+    let mut acc = [0f32; 16];
     for x in v8 {
-        for i in 0..LANES {
+        for i in 0..16 {
             acc[i] += x[i] * x[i];
         }
     }
@@ -408,13 +416,16 @@ pub(crate) fn gated_rms_norm(
     }
 }
 
-/// Prefill SSD of one sequence as a scan over its tokens: the decode recurrence
-/// ([`ssm_update_head`]) applied token by token per head, with the head's [P·N] state
-/// staying in L1; heads run in parallel. About the chunked SSD's work (4·L·H·P·N flops)
-/// but no [L, L] or per-chunk intermediates: the CPU prefill's memory stays that of its
-/// inputs and outputs. `x` [L·H·P], `dt` [L·H] (see [`dt_row`]), `a` [H], `b`/`c` [L·G·N],
-/// `state` [H·P·N] (initial); head h uses group h / (H/G). Returns (y [L·H·P] without the
-/// D skip, final state [H·P·N]).
+/// Prefill SSD of one sequence as a scan over its tokens: the decode recurrence applied
+/// token by token per head, heads in parallel. About the chunked SSD's work (4·L·H·P·N
+/// flops) but no [L, L] or per-chunk intermediates: the CPU prefill's memory stays that of
+/// its inputs and outputs. `x` [L·H·P], `dt` [L·H] (see [`dt_row`]), `a` [H], `b`/`c`
+/// [L·G·N], `state` [H·P·N] (initial); head h uses group h / (H/G). Returns (y [L·H·P]
+/// without the D skip, final state [H·P·N]).
+///
+/// Each head's state is scanned transposed, [N][P]: then `y = Σ_n C[n]·S[n]` and the update
+/// `S[n] = exp(dt·a)·S[n] + dt·B[n]·x` are vector operations along P with C[n] and B[n]
+/// broadcast, where the [P][N] layout needs a horizontal sum per output element.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ssd_scan(
     x: &[f32],
@@ -429,21 +440,117 @@ pub(crate) fn ssd_scan(
     let mut new_state = state.to_vec();
     let (y_p, s_p) = (OutPtr(y.as_mut_ptr()), OutPtr(new_state.as_mut_ptr()));
     let heads_per_group = h / g;
+    // P padded to whole vectors of 16: the padding lanes of x are zero, so their states
+    // stay zero.
+    let pp = p.next_multiple_of(16);
     par_ranges(h, 4 * l * h * p * n, |heads| {
+        let (mut st, mut dtb) = (vec![0f32; n * pp], vec![0f32; n]);
         for hi in heads {
             let gi = hi / heads_per_group;
-            // SAFETY: head hi's state and its y rows are written by this worker only.
+            // SAFETY: head hi's state is written by this worker only.
             let s = unsafe { std::slice::from_raw_parts_mut(s_p.at(hi * p * n), p * n) };
+            for (pi, srow) in s.chunks_exact(n).enumerate() {
+                for (ni, &v) in srow.iter().enumerate() {
+                    st[ni * pp + pi] = v;
+                }
+            }
             for t in 0..l {
                 let row = t * h + hi;
                 let bc = (t * g + gi) * n..(t * g + gi + 1) * n;
+                for (d, &bv) in dtb.iter_mut().zip(&b[bc.clone()]) {
+                    *d = dt[row] * bv;
+                }
+                let step = ScanStep {
+                    x: &x[row * p..(row + 1) * p],
+                    dt_b: &dtb,
+                    c: &c[bc],
+                    da: (dt[row] * a[hi]).exp(),
+                };
+                // SAFETY: row `row` of y belongs to head hi: this worker's.
                 let yr = unsafe { std::slice::from_raw_parts_mut(y_p.at(row * p), p) };
-                let xr = &x[row * p..(row + 1) * p];
-                ssm_update_head(s, xr, &b[bc.clone()], &c[bc], dt[row], a[hi], 0.0, yr);
+                step.run(&mut st, pp, yr);
+            }
+            for (pi, srow) in s.chunks_exact_mut(n).enumerate() {
+                for (ni, v) in srow.iter_mut().enumerate() {
+                    *v = st[ni * pp + pi];
+                }
             }
         }
     });
     (y, new_state)
+}
+
+/// One token of one head for [`ssd_scan`], on the transposed state `st` [N][pp].
+struct ScanStep<'a> {
+    /// [P].
+    x: &'a [f32],
+    /// dt·B [N].
+    dt_b: &'a [f32],
+    /// [N].
+    c: &'a [f32],
+    /// exp(dt·a).
+    da: f32,
+}
+
+impl ScanStep<'_> {
+    fn run(&self, st: &mut [f32], pp: usize, y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected; `st` holds N rows of pp (a multiple of 16).
+            return unsafe { self.run_avx512(st, pp, y) };
+        }
+        let p = self.x.len();
+        y.fill(0.0);
+        for ((srow, &db), &cn) in st.chunks_exact_mut(pp).zip(self.dt_b).zip(self.c) {
+            for ((s, &xv), yv) in srow[..p].iter_mut().zip(self.x).zip(y.iter_mut()) {
+                *s = self.da * *s + db * xv;
+                *yv += cn * *s;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F; `st` holds N rows of `pp` floats, `pp` a multiple of 16 and >= P.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(&self, st: &mut [f32], pp: usize, y: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let p = self.x.len();
+        assert!(st.len() >= self.c.len() * pp && pp >= p && y.len() >= p);
+        let da = _mm512_set1_ps(self.da);
+        for v in (0..p).step_by(16) {
+            let left = p - v;
+            let mask: __mmask16 = if left >= 16 { !0 } else { (1 << left) - 1 };
+            // SAFETY: lanes v..v + 16 of every row are inside `st` (pp >= v + 16); x and y
+            // are accessed under the mask of their p elements.
+            unsafe {
+                let xv = _mm512_maskz_loadu_ps(mask, self.x.as_ptr().add(v));
+                // One state row: S[n] = da·S[n] + dt·B[n]·x; returns acc + C[n]·S[n].
+                let row = |sp: *mut f32, db: f32, cn: f32, acc: __m512| {
+                    let bx = _mm512_mul_ps(_mm512_set1_ps(db), xv);
+                    let s = _mm512_fmadd_ps(da, _mm512_loadu_ps(sp), bx);
+                    _mm512_storeu_ps(sp, s);
+                    _mm512_fmadd_ps(_mm512_set1_ps(cn), s, acc)
+                };
+                // Two accumulators: half the dependency chain through y.
+                let (mut y0, mut y1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut sp = st.as_mut_ptr().add(v);
+                let mut pairs = self.dt_b.chunks_exact(2).zip(self.c.chunks_exact(2));
+                for (db, cn) in &mut pairs {
+                    y0 = row(sp, db[0], cn[0], y0);
+                    y1 = row(sp.add(pp), db[1], cn[1], y1);
+                    sp = sp.add(2 * pp);
+                }
+                if let (Some(&db), Some(&cn)) = (
+                    self.dt_b.chunks_exact(2).remainder().first(),
+                    self.c.chunks_exact(2).remainder().first(),
+                ) {
+                    y0 = row(sp, db, cn, y0);
+                }
+                _mm512_mask_storeu_ps(y.as_mut_ptr().add(v), mask, _mm512_add_ps(y0, y1));
+            }
+        }
+    }
 }
 
 /// Prefill conv of one sequence: `x` rows [L, C], `state` [(K−1)·C]. Returns (SiLU(conv)

@@ -295,7 +295,7 @@ unsafe fn attend_block(
     }
     for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
         let (live, masked) = row.split_at_mut(b.seen + r);
-        softmax_in_place(live);
+        softmax_in_place(live, 1.0);
         masked.fill(0.0);
     }
     unsafe {
@@ -337,7 +337,7 @@ dispatch! {
         let hd = q.len();
         scores.clear();
         scores.extend(k.chunks_exact(hd).map(|kr| dot(kr, q) * scale));
-        softmax_in_place(scores);
+        softmax_in_place(scores, 1.0);
         out.fill(0.0);
         for (p, vr) in scores.iter().zip(v.chunks_exact(hd)) {
             for (o, x) in out.iter_mut().zip(vr) {

@@ -56,19 +56,19 @@ pub fn relu2(x: f32) -> f32 {
     r * r
 }
 
-/// Compile `$body` (a block using the slice arguments) three times: AVX-512, AVX2+FMA and
-/// baseline, and pick one at run time. The element functions above are `inline(always)`, so
+/// Compile `$body` (a block using the slice arguments, optionally generic over one type)
+/// three times: AVX-512, AVX2+FMA and baseline, and pick one at run time. The element functions above are `inline(always)`, so
 /// they are compiled with the features of the copy that calls them.
 macro_rules! dispatch {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$meta:meta])* fn $name:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
-        pub fn $name($($arg: $ty),*) {
+        pub fn $name $(<$g: $bound>)? ($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) $body
+                unsafe fn avx512 $(<$g: $bound>)? ($($arg: $ty),*) $body
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $body
+                unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) $body
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512dq")
@@ -177,8 +177,8 @@ dispatch! {
 }
 
 dispatch! {
-    /// Softmax of one row, in place.
-    fn softmax_in_place(row: &mut [f32]) {
+    /// Softmax of one row scaled by `scale` (> 0), in place: `softmax(scale · row)`.
+    fn softmax_in_place(row: &mut [f32], scale: f32) {
         // 16 independent lanes so the reductions vectorize without reassociation flags.
         const L: usize = 16;
         let mut m = [f32::NEG_INFINITY; L];
@@ -194,13 +194,13 @@ dispatch! {
         let mut chunks = row.chunks_exact_mut(L);
         for c in &mut chunks {
             for j in 0..L {
-                c[j] = exp(c[j] - max);
+                c[j] = exp((c[j] - max) * scale);
                 s[j] += c[j];
             }
         }
         let mut sum: f32 = 0.0;
         for v in chunks.into_remainder() {
-            *v = exp(*v - max);
+            *v = exp((*v - max) * scale);
             sum += *v;
         }
         let inv = 1.0 / (sum + s.iter().sum::<f32>());
@@ -279,18 +279,22 @@ mod tests {
 
     #[test]
     fn softmax_matches_formula() {
-        for len in [1usize, 5, 16, 37, 100] {
+        for (len, scale) in [
+            (1usize, 1.0f32),
+            (5, 1.0),
+            (16, 0.125),
+            (37, 1.0),
+            (100, 0.3),
+        ] {
             let mut row: Vec<f32> = (0..len).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
             if len > 1 {
                 row[len / 2] = f32::NEG_INFINITY;
             }
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let den: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            let want: Vec<f64> = row
-                .iter()
-                .map(|&v| ((v - max) as f64).exp() / den)
-                .collect();
-            softmax_in_place(&mut row);
+            let e = |v: f32| (((v - max) * scale) as f64).exp();
+            let den: f64 = row.iter().map(|&v| e(v)).sum();
+            let want: Vec<f64> = row.iter().map(|&v| e(v) / den).collect();
+            softmax_in_place(&mut row, scale);
             for (g, w) in row.iter().zip(&want) {
                 assert!((*g as f64 - w).abs() < 1e-6, "len {len}: {g} vs {w}");
             }

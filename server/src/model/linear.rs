@@ -15,14 +15,16 @@
 //! them unless it is `1` (the unoptimized kernels would only slow the tests down).
 
 use std::cell::{Cell, RefCell};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, D, DType, Module, Result, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 
+use super::bf16_gemm::{self, PackedB};
+use super::bf16_tiles;
 pub use super::cpu_math::Activation;
 use super::cpu_math::{bf16_to_f32, bias_act_rows};
-use super::{bf16_dot, bf16_tiles};
 use crate::kernels;
 
 /// Rows that go through the BF16 register tiles (AVX-512) when the CPU has them. A single
@@ -79,7 +81,7 @@ impl CpuMatmul {
     /// Whether this CPU has the BF16 dot-product instructions (else BF16 mode rounds the
     /// activations and multiplies on the f32 paths: the same products, slower).
     pub fn bf16_native() -> bool {
-        bf16_dot::available()
+        bf16_gemm::available()
     }
 }
 
@@ -90,12 +92,20 @@ thread_local! {
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// [out, in]: the model dtype, or BF16 on CPU when the f32 weight is exactly BF16.
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     /// The CPU matmul mode of the thread that built the layer (the model's loader), kept
     /// here because the forward pass runs on candle's worker threads.
     matmul: CpuMatmul,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// [out, in]: the model dtype, or BF16 on CPU when the f32 weight is exactly BF16.
+    Tensor(Tensor),
+    /// BF16 weights in BF16 mode on a CPU with the BF16 dot products: packed once for
+    /// [`bf16_gemm`] (the [out, in] tensor is dropped, so the memory stays one copy).
+    Packed(Arc<PackedB>),
 }
 
 /// What happens to `x Wᵀ + b` before it is returned.
@@ -114,11 +124,7 @@ impl Linear {
             None
         };
         let weight = load_compact(&vb, "weight", Some((out_dim, in_dim).into()))?;
-        Ok(Linear {
-            weight,
-            bias,
-            matmul: CpuMatmul::current(),
-        })
+        Self::build(weight, bias)
     }
 
     /// Wrap an existing weight (e.g. tied embeddings), [out, in].
@@ -131,11 +137,43 @@ impl Linear {
             true => exact_bf16(&weight)?.unwrap_or(weight),
             false => weight,
         };
+        Self::build(weight, bias)
+    }
+
+    /// The layer in the current thread's [`CpuMatmul`] mode, packing BF16 CPU weights when
+    /// that mode runs on [`bf16_gemm`].
+    fn build(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let matmul = CpuMatmul::current();
+        let packable = matmul == CpuMatmul::Bf16
+            && bf16_gemm::available()
+            && weight.device().is_cpu()
+            && weight.dtype() == DType::BF16
+            && weight.rank() == 2;
+        let weight = if packable {
+            let (n, k) = weight.dims2()?;
+            let w = weight.contiguous()?;
+            let (s, l) = w.storage_and_layout();
+            let Storage::Cpu(CpuStorage::BF16(v)) = &*s else {
+                candle_core::bail!("linear: BF16 weight without BF16 CPU storage");
+            };
+            let packed = PackedB::from_weight_rows(&v[l.start_offset()..][..n * k], n, k);
+            Weight::Packed(Arc::new(packed))
+        } else {
+            Weight::Tensor(weight)
+        };
         Ok(Linear {
             weight,
             bias,
-            matmul: CpuMatmul::current(),
+            matmul,
         })
+    }
+
+    /// [out, in].
+    fn dims(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            Weight::Tensor(w) => w.dims2(),
+            Weight::Packed(p) => Ok((p.n(), p.k())),
+        }
     }
 
     /// `act(x Wᵀ + b)`; `x`: [..., in] -> [..., out].
@@ -149,10 +187,14 @@ impl Linear {
     }
 
     fn run(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
-        if self.cpu_path_applies(x, epilogue) {
+        let weight = match &self.weight {
+            Weight::Packed(_) => return self.forward_cpu(&x.to_dtype(DType::F32)?, epilogue),
+            Weight::Tensor(w) => w,
+        };
+        if self.cpu_path_applies(weight, x, epilogue) {
             return self.forward_cpu(x, epilogue);
         }
-        let w = self.weight.to_dtype(x.dtype())?;
+        let w = weight.to_dtype(x.dtype())?;
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let decode = x.device().is_cuda() && rows == 1;
         let x2 = decode.then(|| x.reshape((rows, ()))).transpose()?;
@@ -205,11 +247,11 @@ impl Linear {
         }
     }
 
-    fn cpu_path_applies(&self, x: &Tensor, epilogue: Epilogue) -> bool {
+    fn cpu_path_applies(&self, weight: &Tensor, x: &Tensor, epilogue: Epilogue) -> bool {
         let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         f32_cpu(x)
-            && self.weight.device().is_cpu()
-            && matches!(self.weight.dtype(), DType::F32 | DType::BF16)
+            && weight.device().is_cpu()
+            && matches!(weight.dtype(), DType::F32 | DType::BF16)
             && self.bias.as_ref().is_none_or(f32_cpu)
             && match epilogue {
                 Epilogue::Add(r) => f32_cpu(r),
@@ -218,43 +260,32 @@ impl Linear {
     }
 
     fn forward_cpu(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
-        let (n, k) = self.weight.dims2()?;
+        let (n, k) = self.dims()?;
         let (&kx, lead) = x
             .dims()
             .split_last()
             .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
         if kx != k {
-            candle_core::bail!(
-                "linear: input width {kx} does not match weight {:?}",
-                self.weight.dims()
-            );
+            candle_core::bail!("linear: input width {kx} does not match weight [{n}, {k}]");
         }
         let m: usize = lead.iter().product();
         let mut out_dims = lead.to_vec();
         out_dims.push(n);
-        let (mut out, accumulate) = match epilogue {
+        // The residual, which the products are added to.
+        let residual = match epilogue {
             Epilogue::Add(r) => {
                 if r.dims() != out_dims.as_slice() {
                     candle_core::bail!("linear: residual {:?} is not {out_dims:?}", r.dims());
                 }
-                (r.flatten_all()?.to_vec1::<f32>()?, true)
+                Some(r.flatten_all()?.to_vec1::<f32>()?)
             }
-            Epilogue::Act(_) => (vec![0f32; m * n], false),
+            Epilogue::Act(_) => None,
         };
+        let accumulate = residual.is_some();
         let x = x.contiguous()?;
-        {
+        let out = {
             let (xs, xl) = x.storage_and_layout();
             let xv = &cpu_f32(&xs)?[xl.start_offset()..][..m * k];
-            let (ws, wl) = self.weight.storage_and_layout();
-            let off = wl.start_offset();
-            let w = match &*ws {
-                Storage::Cpu(CpuStorage::F32(v)) => Weights::F32(&v[off..off + n * k]),
-                Storage::Cpu(CpuStorage::BF16(v)) => Weights::Bf16(&v[off..off + n * k]),
-                _ => candle_core::bail!("linear: weight is not a CPU f32/bf16 tensor"),
-            };
-            if !self.weight.is_contiguous() {
-                candle_core::bail!("linear: weight is not contiguous");
-            }
             let act = match epilogue {
                 Epilogue::Act(a) => a,
                 Epilogue::Add(_) => Activation::Identity,
@@ -265,8 +296,36 @@ impl Linear {
                 Some((bs, bl)) => Some(&cpu_f32(bs)?[bl.start_offset()..][..n]),
                 None => None,
             };
-            linear_into(xv, m, k, w, n, bv, act, &mut out, accumulate, self.matmul);
-        }
+            match &self.weight {
+                Weight::Packed(p) => match residual {
+                    Some(mut out) => {
+                        let epilogue = bf16_gemm::Epilogue {
+                            bias: bv,
+                            act,
+                            accumulate,
+                        };
+                        bf16_gemm::matmul(xv, m, p, &mut out, epilogue);
+                        out
+                    }
+                    None => bf16_gemm::matmul_new(xv, m, p, bv, act),
+                },
+                Weight::Tensor(weight) => {
+                    if !weight.is_contiguous() {
+                        candle_core::bail!("linear: weight is not contiguous");
+                    }
+                    let (ws, wl) = weight.storage_and_layout();
+                    let off = wl.start_offset();
+                    let w = match &*ws {
+                        Storage::Cpu(CpuStorage::F32(v)) => Weights::F32(&v[off..off + n * k]),
+                        Storage::Cpu(CpuStorage::BF16(v)) => Weights::Bf16(&v[off..off + n * k]),
+                        _ => candle_core::bail!("linear: weight is not a CPU f32/bf16 tensor"),
+                    };
+                    let mut out = residual.unwrap_or_else(|| vec![0f32; m * n]);
+                    linear_into(xv, m, k, w, n, bv, act, &mut out, accumulate, self.matmul);
+                    out
+                }
+            }
+        };
         Tensor::from_vec(out, out_dims, x.device())
     }
 }
@@ -366,23 +425,16 @@ fn linear_into(
     if m == 0 || n == 0 {
         return;
     }
-    if let Weights::Bf16(wv) = w
+    if let Weights::Bf16(_) = w
         && mode == CpuMatmul::Bf16
     {
-        let x = &x[..m * k];
-        if bf16_dot::available() && m >= TILES_MIN_ROWS {
-            let epilogue = bf16_dot::Epilogue {
-                bias,
-                act,
-                accumulate,
-            };
-            bf16_dot::matmul(x, m, k, wv, n, out, epilogue);
-        } else {
-            // One row is bound by memory, where the f32 matrix-vector path streams the
-            // weights fastest; without AVX-512 BF16 every size takes the f32 paths.
-            let xr: Vec<f32> = x.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
-            linear_into(&xr, m, k, w, n, bias, act, out, accumulate, CpuMatmul::F32);
-        }
+        // Without AVX-512 BF16 (else the weights are packed): the same products from the
+        // rounded activations on the f32 paths.
+        let xr: Vec<f32> = x[..m * k]
+            .iter()
+            .map(|v| bf16::from_f32(*v).to_f32())
+            .collect();
+        linear_into(&xr, m, k, w, n, bias, act, out, accumulate, CpuMatmul::F32);
         return;
     }
     if let Weights::Bf16(wv) = w
@@ -614,6 +666,15 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    impl Linear {
+        fn tensor_dtype(&self) -> Option<DType> {
+            match &self.weight {
+                Weight::Tensor(w) => Some(w.dtype()),
+                Weight::Packed(_) => None,
+            }
+        }
+    }
+
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
@@ -630,9 +691,9 @@ mod tests {
                 .to_dtype(DType::F32)?;
             let b = Tensor::randn(0f32, 1.0, n, &dev)?;
             let bf = Linear::from_weight_with(w.clone(), Some(b.clone()), true)?;
-            assert_eq!(bf.weight.dtype(), DType::BF16);
+            assert_eq!(bf.tensor_dtype(), Some(DType::BF16));
             let f = Linear::from_weight_with(w.clone(), Some(b.clone()), false)?;
-            assert_eq!(f.weight.dtype(), DType::F32);
+            assert_eq!(f.tensor_dtype(), Some(DType::F32));
             for t in [1usize, 3, 4, 5, 16, 17, 70] {
                 let x = Tensor::randn(0f32, 1.0, (t, k), &dev)?;
                 let lin = x.matmul(&w.t()?)?.broadcast_add(&b)?;
@@ -666,8 +727,8 @@ mod tests {
         // Not representable in bf16: stays f32.
         let w = Tensor::randn(0f32, 1.0, (4, 5), &dev)?;
         assert_eq!(
-            Linear::from_weight_with(w, None, true)?.weight.dtype(),
-            DType::F32
+            Linear::from_weight_with(w, None, true)?.tensor_dtype(),
+            Some(DType::F32)
         );
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! model
 pub mod attention;
-mod bf16_dot;
+mod bf16_gemm;
 mod bf16_tiles;
 pub mod checkpoint;
 pub mod config;

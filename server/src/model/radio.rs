@@ -13,8 +13,9 @@ use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, ba
 use candle_nn::{LayerNorm, VarBuilder, layer_norm};
 use serde_json::Value;
 
+use super::bf16_gemm::{self, PackedA, PackedB};
 use super::cpu_math::{SCORES, gemm_rows, softmax_in_place};
-use super::linear::{Activation, Linear, OutPtr, load_compact, par_ranges};
+use super::linear::{Activation, CpuMatmul, Linear, OutPtr, load_compact, par_ranges};
 use crate::kernels;
 
 /// The checkpoint prefix of the weights [`RadioEncoder::load`] expects its
@@ -95,6 +96,9 @@ struct Attention {
     proj: Linear,
     num_heads: usize,
     head_dim: usize,
+    /// BF16 products for QKᵀ and PV on CPU (the layers' [`CpuMatmul`] mode, where the CPU
+    /// has the BF16 dot products).
+    bf16: bool,
 }
 
 impl Attention {
@@ -107,6 +111,7 @@ impl Attention {
             proj: Linear::new(hidden, hidden, true, vb.pp("proj"))?,
             num_heads,
             head_dim: hidden / num_heads,
+            bf16: CpuMatmul::current() == CpuMatmul::Bf16 && bf16_gemm::available(),
         })
     }
 
@@ -120,7 +125,11 @@ impl Attention {
         let out =
             if let (Storage::Cpu(CpuStorage::F32(data)), true) = (&*storage, qkv.is_contiguous()) {
                 let data = &data[layout.start_offset()..][..n * l * 3 * hidden];
-                let out = attention_cpu(data, n, l, self.num_heads, self.head_dim, scale as f32);
+                let dims = (n, l, self.num_heads, self.head_dim);
+                let out = match self.bf16 {
+                    true => attention_cpu_bf16(data, dims, scale as f32),
+                    false => attention_cpu(data, n, l, self.num_heads, self.head_dim, scale as f32),
+                };
                 Tensor::from_vec(out, (n, l, hidden), qkv.device())?
             } else {
                 drop(storage);
@@ -156,6 +165,47 @@ fn attention_cpu(qkv: &[f32], n: usize, l: usize, heads: usize, hd: usize, scale
     let hidden = heads * hd;
     let row = 3 * hidden;
     assert_eq!(qkv.len(), n * l * row);
+    for_query_blocks((n, l, heads, hd), |b, s, o| {
+        let base = b.tile * l * row + b.head * hd;
+        let (q, k, v) = (
+            &qkv[base + b.r0 * row..],
+            &qkv[base + hidden..],
+            &qkv[base + 2 * hidden..],
+        );
+        // SAFETY (both gemms): every operand lies inside `qkv` (tile < n, head < heads,
+        // r0 + rows <= l), `s` holds rows·l floats, and `o` is this item's own output block.
+        unsafe {
+            // s [rows, L] = scale · q [rows, hd] · kᵀ [hd, L]
+            let (sp, dims) = (s.as_mut_ptr(), (b.rows, l, hd));
+            gemm_rows(dims, sp, l, q.as_ptr(), row, k.as_ptr(), (1, row), scale);
+        }
+        for r in s.chunks_exact_mut(l) {
+            softmax_in_place(r, 1.0);
+        }
+        // out [rows, hd] = s [rows, L] · v [L, hd]
+        let (dims, vs) = ((b.rows, hd, l), (row, 1));
+        unsafe { gemm_rows(dims, o, hidden, s.as_ptr(), l, v.as_ptr(), vs, 1.0) };
+    })
+}
+
+/// One attention work item: query rows `r0..r0 + rows` of head `head` of tile `tile`.
+#[derive(Clone, Copy)]
+struct QueryBlock {
+    tile: usize,
+    head: usize,
+    r0: usize,
+    rows: usize,
+}
+
+/// Runs `item` for every (tile, head, query block) on candle's CPU pool, with the thread's
+/// score scratch (rows·L floats) and a pointer to the block's output: rows r0.., columns
+/// head·hd.. of tile `tile` of the returned `[n, L, heads·hd]`, rows heads·hd apart.
+/// Items write only their own output block.
+fn for_query_blocks(
+    (n, l, heads, hd): (usize, usize, usize, usize),
+    item: impl Fn(QueryBlock, &mut [f32], *mut f32) + Sync,
+) -> Vec<f32> {
+    let hidden = heads * hd;
     let blocks = l.div_ceil(QUERY_BLOCK);
     let qb = l.div_ceil(blocks);
     let mut out = vec![0f32; n * l * hidden];
@@ -163,41 +213,16 @@ fn attention_cpu(qkv: &[f32], n: usize, l: usize, heads: usize, hd: usize, scale
     par_ranges(n * heads * blocks, n * heads * l * l * hd, |items| {
         SCORES.with_borrow_mut(|s| {
             s.resize(qb * l, 0.0);
-            for item in items {
-                let (tile, rest) = (item / (heads * blocks), item % (heads * blocks));
-                let (head, r0) = (rest / blocks, (rest % blocks) * qb);
-                let rows = qb.min(l - r0);
-                let base = tile * l * row + head * hd;
-                let (q, k, v) = (
-                    &qkv[base + r0 * row..],
-                    &qkv[base + hidden..],
-                    &qkv[base + 2 * hidden..],
-                );
-                // SAFETY (both gemms): every operand lies inside `qkv` (tile < n, head <
-                // heads, r0 + rows <= l), `s` holds rows·l floats, and this item alone writes
-                // rows r0..r0+rows, columns head·hd.. of tile `tile` of `out`.
-                unsafe {
-                    // s [rows, L] = scale · q [rows, hd] · kᵀ [hd, L]
-                    let (sp, dims) = (s.as_mut_ptr(), (rows, l, hd));
-                    gemm_rows(dims, sp, l, q.as_ptr(), row, k.as_ptr(), (1, row), scale);
-                }
-                for r in s[..rows * l].chunks_exact_mut(l) {
-                    softmax_in_place(r);
-                }
-                unsafe {
-                    // out [rows, hd] = s [rows, L] · v [L, hd]
-                    let o = dst.at((tile * l + r0) * hidden + head * hd);
-                    gemm_rows(
-                        (rows, hd, l),
-                        o,
-                        hidden,
-                        s.as_ptr(),
-                        l,
-                        v.as_ptr(),
-                        (row, 1),
-                        1.0,
-                    );
-                }
+            for i in items {
+                let (unit, r0) = (i / blocks, (i % blocks) * qb);
+                let b = QueryBlock {
+                    tile: unit / heads,
+                    head: unit % heads,
+                    r0,
+                    rows: qb.min(l - r0),
+                };
+                let o = dst.at((b.tile * l + r0) * hidden + b.head * hd);
+                item(b, &mut s[..b.rows * l], o);
             }
         })
     });
@@ -501,6 +526,59 @@ fn bilinear_taps(in_size: usize, out_size: usize) -> Vec<(usize, usize, f32, f32
         .collect()
 }
 
+/// [`attention_cpu`] with BF16 operands ([`bf16_gemm`]), as a BF16 GPU attention rounds
+/// them: q, k and v rounded to BF16, f32 scores and softmax, the probabilities rounded to
+/// BF16 for PV. Each (tile, head)'s keys and values are packed once, then work items are
+/// (tile, head, query block). `dims` = (tiles, L, heads, head dim).
+fn attention_cpu_bf16(
+    qkv: &[f32],
+    (n, l, heads, hd): (usize, usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    let hidden = heads * hd;
+    let row = 3 * hidden;
+    assert_eq!(qkv.len(), n * l * row);
+    let base = |tile: usize, head: usize| tile * l * row + head * hd;
+    let packed: Vec<(PackedB, PackedB)> = par_map(n * heads, n * heads * l * hd, |u| {
+        let b = base(u / heads, u % heads);
+        (
+            PackedB::from_f32_rows(&qkv[b + hidden..], row, l, hd),
+            PackedB::from_f32_cols(&qkv[b + 2 * hidden..], row, l, hd),
+        )
+    });
+    for_query_blocks((n, l, heads, hd), |b, s, o| {
+        let (k, v) = &packed[b.tile * heads + b.head];
+        let q_rows = &qkv[base(b.tile, b.head) + b.r0 * row..];
+        let q = PackedA::from_f32(q_rows, row, b.rows, hd, false);
+        // SAFETY (both products): the CPU has the BF16 dot products (`bf16` is only set
+        // then); `s` holds rows·l floats; `o` is this item's own output block.
+        unsafe { bf16_gemm::gemm(&q, k, s.as_mut_ptr(), l) };
+        for r in s.chunks_exact_mut(l) {
+            softmax_in_place(r, scale);
+        }
+        let p = PackedA::from_f32(s, l, b.rows, l, false);
+        unsafe { bf16_gemm::gemm(&p, v, o, hidden) };
+    })
+}
+
+/// `f(0..n)` in parallel on candle's CPU pool (inline when `work` is small), in order.
+fn par_map<T: Send>(n: usize, work: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<std::sync::Mutex<Option<T>>> = (0..n).map(|_| Default::default()).collect();
+    par_ranges(n, work, |items| {
+        for i in items {
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(f(i));
+        }
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every item ran")
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,6 +677,51 @@ mod tests {
         let want = p.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?;
         let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-5, "max abs error {err}");
+        Ok(())
+    }
+
+    /// The BF16 CPU attention against the tensor-op formula on BF16-rounded q, k, v and
+    /// probabilities, with several query blocks, partial key and value panels, two tiles.
+    #[test]
+    fn bf16_attention_matches_rounded_formula() -> Result<()> {
+        if !bf16_gemm::available() {
+            eprintln!("skipped: no AVX-512 BF16 on this CPU");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (n, l, heads, hd) = (2usize, QUERY_BLOCK + 37, 3usize, 20usize);
+        let hidden = heads * hd;
+        let qkv = Tensor::randn(0f32, 1.0, (n, l, 3 * hidden), &dev)?;
+        let scale = (hd as f64).powf(-0.5);
+        let data: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
+        let got = attention_cpu_bf16(&data, (n, l, heads, hd), scale as f32);
+        let got = Tensor::from_vec(got, (n, l, hidden), &dev)?;
+
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let qkv = round(&qkv)?
+            .reshape((n, l, 3, heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+        let want = round(&p)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((n, l, hidden))?;
+        let exact = p.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?;
+        let mean_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.mean_all()?.to_scalar::<f32>()
+        };
+        // A probability whose f32 value here and in the formula straddles a BF16 rounding
+        // boundary differs by one BF16 step: rare, so the mean error stays at f32 level.
+        let err = mean_diff(&got, &want)?;
+        let off = mean_diff(&got, &exact)?;
+        assert!(err < 1e-6, "mean abs error {err} against rounded operands");
+        assert!(
+            off > 20.0 * err,
+            "the probabilities were not rounded ({off})"
+        );
         Ok(())
     }
 
