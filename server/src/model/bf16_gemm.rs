@@ -3,9 +3,9 @@
 //!
 //! The outer-product form of a packed GEMM: `vdpbf16ps` multiplies pairs of adjacent
 //! BF16 values, so B is packed once into panels of [`NR`] columns where each 32-bit slot
-//! holds one column's two values of a contraction pair (2i, 2i+1), and A into tiles of
-//! [`MR`] rows where each slot holds one row's pair. A register tile then takes, per pair,
-//! four 16-column vectors of B and one broadcast slot of each A row: 24 accumulators that
+//! holds one column's two values of a contraction pair (2i, 2i+1), and A's rows are rounded
+//! into the same pair slots. A register tile of [`MR`] rows then takes, per pair, four
+//! 16-column vectors of B and one broadcast slot of each A row: 24 accumulators that
 //! are the output elements themselves (no reductions at the end of a row, unlike dot
 //! products of unpacked rows), stored with masks at the edges.
 //!
@@ -70,11 +70,20 @@ dispatch! {
 /// The B operand, packed: panel `p` holds columns `p·NR..`, and in it contraction pair `i`
 /// holds `NR` slots, one per column. Columns past `n` and the partner of an odd last
 /// index are zero, so the kernel runs whole panels and pairs.
-#[derive(Debug)]
 pub(crate) struct PackedB {
     k: usize,
     n: usize,
     data: Vec<u32>,
+}
+
+// Shapes only: the data is the size of the weights.
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedB")
+            .field("k", &self.k)
+            .field("n", &self.n)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PackedB {
