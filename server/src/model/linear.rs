@@ -9,6 +9,9 @@
 //! - many rows (prefill, vision): blocks of weight rows are widened to f32 (exact) into a
 //!   reused scratch and multiplied with `gemm`.
 //!
+//! In the BF16 mode ([`CpuMatmul::Bf16`]) on a CPU with AVX-512 BF16, the weight is instead
+//! packed once for [`bf16_gemm`] and the activations are rounded to BF16 at every size.
+//!
 //! The products are the same as with f32 weights; only the summation order differs. Bias,
 //! activation (ReLU², exact-erf GELU) or a residual add are applied in the same call instead
 //! of as separate tensor ops. `VLM_CPU_BF16_WEIGHTS=0` keeps f32 weights; debug builds keep
@@ -675,6 +678,19 @@ mod tests {
         }
     }
 
+    /// [out, in] of the layer tests: odd sizes, a wide and a long layer.
+    const SHAPES: [(usize, usize); 3] = [(37, 77), (300, 40), (5, 1100)];
+
+    /// A random f32 weight [n, k] whose values are exactly BF16 (as in a BF16 checkpoint),
+    /// and a bias [n].
+    fn bf16_exact_layer(n: usize, k: usize) -> Result<(Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?
+            .to_dtype(DType::BF16)?
+            .to_dtype(DType::F32)?;
+        Ok((w, Tensor::randn(0f32, 1.0, n, &dev)?))
+    }
+
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
@@ -684,12 +700,8 @@ mod tests {
     #[test]
     fn cpu_paths_match_candle_ops() -> Result<()> {
         let dev = Device::Cpu;
-        for (n, k) in [(37usize, 77usize), (300, 40), (5, 1100)] {
-            // Weights exactly representable in bf16, as in a bf16 checkpoint.
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?
-                .to_dtype(DType::BF16)?
-                .to_dtype(DType::F32)?;
-            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+        for (n, k) in SHAPES {
+            let (w, b) = bf16_exact_layer(n, k)?;
             let bf = Linear::from_weight_with(w.clone(), Some(b.clone()), true)?;
             assert_eq!(bf.tensor_dtype(), Some(DType::BF16));
             let f = Linear::from_weight_with(w.clone(), Some(b.clone()), false)?;
@@ -739,11 +751,8 @@ mod tests {
     #[test]
     fn bf16_mode_multiplies_rounded_activations() -> Result<()> {
         let dev = Device::Cpu;
-        for (n, k) in [(37usize, 77usize), (300, 40), (5, 1100)] {
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?
-                .to_dtype(DType::BF16)?
-                .to_dtype(DType::F32)?;
-            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+        for (n, k) in SHAPES {
+            let (w, b) = bf16_exact_layer(n, k)?;
             CpuMatmul::set_for_thread(CpuMatmul::Bf16);
             let layer = Linear::from_weight_with(w.clone(), Some(b.clone()), true)?;
             let plain = Linear::from_weight_with(w.clone(), Some(b.clone()), false)?;

@@ -654,27 +654,46 @@ mod tests {
         assert_eq!(wide, vec![5.5, 7.5]);
     }
 
+    /// Random fused qkv rows `[n, L, 3·heads·hd]` for the attention tests, and the same as
+    /// the flat data the CPU attention takes.
+    fn random_qkv(n: usize, l: usize, hidden: usize) -> Result<(Tensor, Vec<f32>)> {
+        let qkv = Tensor::randn(0f32, 1.0, (n, l, 3 * hidden), &Device::Cpu)?;
+        let data = qkv.flatten_all()?.to_vec1()?;
+        Ok((qkv, data))
+    }
+
+    /// The tensor-op formula: softmax(scale · q·kᵀ) [n, heads, L, L] and v [n, heads, L, hd].
+    fn formula_probs(qkv: &Tensor, heads: usize, hd: usize) -> Result<(Tensor, Tensor)> {
+        let (n, l, _) = qkv.dims3()?;
+        let qkv = qkv
+            .reshape((n, l, 3, heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scale = (hd as f64).powf(-0.5);
+        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+        Ok((p, v))
+    }
+
+    /// p · v back in `[n, L, heads·hd]`.
+    fn formula_out(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (n, heads, l, hd) = v.dims4()?;
+        p.matmul(v)?.transpose(1, 2)?.reshape((n, l, heads * hd))
+    }
+
     /// The fused CPU attention against the plain tensor-op formula, with several query
     /// blocks per head (L > QUERY_BLOCK) and two tiles.
     #[test]
     fn cpu_attention_matches_tensor_ops() -> Result<()> {
-        let dev = Device::Cpu;
         let (n, l, heads, hd) = (2usize, QUERY_BLOCK + 37, 3usize, 8usize);
         let hidden = heads * hd;
-        let qkv = Tensor::randn(0f32, 1.0, (n, l, 3 * hidden), &dev)?;
-        let scale = (hd as f64).powf(-0.5);
-        let data: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
-        let got = attention_cpu(&data, n, l, heads, hd, scale as f32);
-        let got = Tensor::from_vec(got, (n, l, hidden), &dev)?;
-
-        let qkv = qkv
-            .reshape((n, l, 3, heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * scale)?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let p = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let want = p.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?;
+        let (qkv, data) = random_qkv(n, l, hidden)?;
+        let scale = (hd as f32).powf(-0.5);
+        let got = attention_cpu(&data, n, l, heads, hd, scale);
+        let got = Tensor::from_vec(got, (n, l, hidden), &Device::Cpu)?;
+        let (p, v) = formula_probs(&qkv, heads, hd)?;
+        let want = formula_out(&p, &v)?;
         let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-5, "max abs error {err}");
         Ok(())
@@ -688,28 +707,17 @@ mod tests {
             eprintln!("skipped: no AVX-512 BF16 on this CPU");
             return Ok(());
         }
-        let dev = Device::Cpu;
         let (n, l, heads, hd) = (2usize, QUERY_BLOCK + 37, 3usize, 20usize);
         let hidden = heads * hd;
-        let qkv = Tensor::randn(0f32, 1.0, (n, l, 3 * hidden), &dev)?;
-        let scale = (hd as f64).powf(-0.5);
-        let data: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
-        let got = attention_cpu_bf16(&data, (n, l, heads, hd), scale as f32);
-        let got = Tensor::from_vec(got, (n, l, hidden), &dev)?;
+        let (qkv, data) = random_qkv(n, l, hidden)?;
+        let scale = (hd as f32).powf(-0.5);
+        let got = attention_cpu_bf16(&data, (n, l, heads, hd), scale);
+        let got = Tensor::from_vec(got, (n, l, hidden), &Device::Cpu)?;
 
         let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
-        let qkv = round(&qkv)?
-            .reshape((n, l, 3, heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-        let want = round(&p)?
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((n, l, hidden))?;
-        let exact = p.matmul(&v)?.transpose(1, 2)?.reshape((n, l, hidden))?;
+        let (p, v) = formula_probs(&round(&qkv)?, heads, hd)?;
+        let want = formula_out(&round(&p)?, &v)?;
+        let exact = formula_out(&p, &v)?;
         let mean_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             (a - b)?.abs()?.mean_all()?.to_scalar::<f32>()
         };
