@@ -115,6 +115,28 @@ pub(crate) struct Rows<'a, T> {
 }
 
 impl<'a, T> Rows<'a, T> {
+    /// `rows` rows of `cols` elements, row r at `data[start + r·stride..]`.
+    /// Panics if the last row ends past `data`.
+    pub(crate) fn new(
+        data: &'a [T],
+        start: usize,
+        stride: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Self {
+        assert!(
+            rows == 0 || start + (rows - 1) * stride + cols <= data.len(),
+            "row view exceeds its data"
+        );
+        Rows {
+            data,
+            start,
+            stride,
+            rows,
+            cols,
+        }
+    }
+
     pub(crate) fn row(&self, r: usize) -> &'a [T] {
         let s = self.start + r * self.stride;
         &self.data[s..s + self.cols]
@@ -185,5 +207,35 @@ pub(crate) fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a m
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
         _ => bail!("expected a contiguous CPU f32 pool"),
+    }
+}
+
+/// Borrowed f32 data of a contiguous CPU tensor.
+pub(crate) struct CpuF32<'a> {
+    guard: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> CpuF32<'a> {
+    pub(crate) fn new(t: &'a Tensor) -> Result<Self> {
+        if !t.is_contiguous() {
+            candle_core::bail!("expected a contiguous tensor, got {:?}", t.layout());
+        }
+        let (guard, layout) = t.storage_and_layout();
+        Ok(CpuF32 {
+            start: layout.start_offset(),
+            len: t.elem_count(),
+            guard,
+        })
+    }
+
+    pub(crate) fn slice(&self) -> Result<&[f32]> {
+        match &*self.guard {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                Ok(&v[self.start..self.start + self.len])
+            }
+            _ => candle_core::bail!("expected CPU f32 data"),
+        }
     }
 }

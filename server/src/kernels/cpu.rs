@@ -6,7 +6,7 @@ use candle_core::{Result, bail};
 use half::bf16;
 
 use super::access::{AnyRows, Rows};
-use crate::model::cpu_math::{dispatch, exp};
+use crate::model::cpu_math::{dispatch, exp, sum_squares};
 use crate::model::linear::{OutPtr, par_ranges};
 
 /// An input element converted to f32.
@@ -219,18 +219,6 @@ dispatch! {
     }
 }
 
-#[inline(always)]
-fn sum_squares(v: &[f32]) -> f32 {
-    let (v8, tail) = v.as_chunks::<16>();
-    let mut acc = [0f32; 16];
-    for x in v8 {
-        for i in 0..16 {
-            acc[i] += x[i] * x[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail.iter().map(|x| x * x).sum::<f32>()
-}
-
 /// An output buffer: NaN-filled when poisoning is on (so unwritten elements show).
 pub(crate) fn out_vec(n: usize) -> Vec<f32> {
     if super::poison_outputs() {
@@ -438,7 +426,51 @@ pub(crate) fn ssd_scan(
 ) -> (Vec<f32>, Vec<f32>) {
     let mut y = out_vec(l * h * p);
     let mut new_state = state.to_vec();
-    let (y_p, s_p) = (OutPtr(y.as_mut_ptr()), OutPtr(new_state.as_mut_ptr()));
+    let inputs = ScanInputs {
+        x,
+        x_stride: h * p,
+        b,
+        c,
+        bc_stride: g * n,
+        dt,
+        a,
+        d: None,
+    };
+    ssd_scan_in_place(&inputs, &mut new_state, &mut y, (l, h, p, g, n));
+    (y, new_state)
+}
+
+/// The inputs of [`ssd_scan_in_place`]. Token t's x is `x[t·x_stride..]` ([H, P]), its B and
+/// C `b[t·bc_stride..]` and `c[t·bc_stride..]` ([G, N]), so they can be column slices of one
+/// buffer (the conv output).
+pub(crate) struct ScanInputs<'a> {
+    pub x: &'a [f32],
+    pub x_stride: usize,
+    pub b: &'a [f32],
+    pub c: &'a [f32],
+    pub bc_stride: usize,
+    /// [L, H], softplus'ed.
+    pub dt: &'a [f32],
+    /// [H].
+    pub a: &'a [f32],
+    /// The D skip [H]: `y += D·x` when given.
+    pub d: Option<&'a [f32]>,
+}
+
+/// [`ssd_scan`] on the state [H, P, N] in place, into `y` [L, H, P]. Heads run in parallel.
+pub(crate) fn ssd_scan_in_place(
+    inp: &ScanInputs<'_>,
+    state: &mut [f32],
+    y: &mut [f32],
+    (l, h, p, g, n): (usize, usize, usize, usize, usize),
+) {
+    assert!(state.len() == h * p * n && y.len() >= l * h * p && inp.dt.len() >= l * h);
+    if l > 0 {
+        assert!(inp.x.len() >= (l - 1) * inp.x_stride + h * p);
+        let bc_len = (l - 1) * inp.bc_stride + g * n;
+        assert!(inp.b.len() >= bc_len && inp.c.len() >= bc_len);
+    }
+    let (y_p, s_p) = (OutPtr(y.as_mut_ptr()), OutPtr(state.as_mut_ptr()));
     let heads_per_group = h / g;
     // P padded to whole vectors of 16: the padding lanes of x are zero, so their states
     // stay zero.
@@ -455,19 +487,21 @@ pub(crate) fn ssd_scan(
                 }
             }
             for t in 0..l {
-                let row = t * h + hi;
-                let bc = (t * g + gi) * n..(t * g + gi + 1) * n;
-                for (d, &bv) in dtb.iter_mut().zip(&b[bc.clone()]) {
-                    *d = dt[row] * bv;
+                let dt = inp.dt[t * h + hi];
+                let bc = t * inp.bc_stride + gi * n..t * inp.bc_stride + (gi + 1) * n;
+                for (d, &bv) in dtb.iter_mut().zip(&inp.b[bc.clone()]) {
+                    *d = dt * bv;
                 }
+                let x0 = t * inp.x_stride + hi * p;
                 let step = ScanStep {
-                    x: &x[row * p..(row + 1) * p],
+                    x: &inp.x[x0..x0 + p],
                     dt_b: &dtb,
-                    c: &c[bc],
-                    da: (dt[row] * a[hi]).exp(),
+                    c: &inp.c[bc],
+                    da: (dt * inp.a[hi]).exp(),
+                    d: inp.d.map_or(0.0, |d| d[hi]),
                 };
-                // SAFETY: row `row` of y belongs to head hi: this worker's.
-                let yr = unsafe { std::slice::from_raw_parts_mut(y_p.at(row * p), p) };
+                // SAFETY: token t's row of head hi in y belongs to this worker.
+                let yr = unsafe { std::slice::from_raw_parts_mut(y_p.at((t * h + hi) * p), p) };
                 step.run(&mut st, pp, yr);
             }
             for (pi, srow) in s.chunks_exact_mut(n).enumerate() {
@@ -477,7 +511,6 @@ pub(crate) fn ssd_scan(
             }
         }
     });
-    (y, new_state)
 }
 
 /// One token of one head for [`ssd_scan`], on the transposed state `st` [N][pp].
@@ -490,6 +523,8 @@ struct ScanStep<'a> {
     c: &'a [f32],
     /// exp(dt·a).
     da: f32,
+    /// The D skip (0 for none).
+    d: f32,
 }
 
 impl ScanStep<'_> {
@@ -500,7 +535,9 @@ impl ScanStep<'_> {
             return unsafe { self.run_avx512(st, pp, y) };
         }
         let p = self.x.len();
-        y.fill(0.0);
+        for (yv, &xv) in y.iter_mut().zip(self.x) {
+            *yv = self.d * xv;
+        }
         for ((srow, &db), &cn) in st.chunks_exact_mut(pp).zip(self.dt_b).zip(self.c) {
             for ((s, &xv), yv) in srow[..p].iter_mut().zip(self.x).zip(y.iter_mut()) {
                 *s = self.da * *s + db * xv;
@@ -532,8 +569,9 @@ impl ScanStep<'_> {
                     _mm512_storeu_ps(sp, s);
                     _mm512_fmadd_ps(_mm512_set1_ps(cn), s, acc)
                 };
-                // Two accumulators: half the dependency chain through y.
-                let (mut y0, mut y1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                // Two accumulators: half the dependency chain through y. One starts at D·x.
+                let mut y0 = _mm512_mul_ps(_mm512_set1_ps(self.d), xv);
+                let mut y1 = _mm512_setzero_ps();
                 let mut sp = st.as_mut_ptr().add(v);
                 let mut pairs = self.dt_b.chunks_exact(2).zip(self.c.chunks_exact(2));
                 for (db, cn) in &mut pairs {

@@ -14,6 +14,7 @@
 //! any row stride); anything else with a non-unit innermost stride is copied first.
 
 mod access;
+pub(crate) use access::{AnyRows, CpuF32, Rows};
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -215,6 +215,83 @@ impl PackedA {
     pub(crate) fn tiles(&self) -> usize {
         self.m.div_ceil(MR)
     }
+
+    /// The softmax numerators of score rows, as the A operand of `P · V`: row r of `s`
+    /// (`k` floats, rows `k` apart) becomes `exp(scale · (s − max_r))` rounded to BF16, and
+    /// `sums[r]` the f32 sum of the unrounded numerators. Dividing the product's rows by
+    /// `sums` afterwards (as flash attention does) saves a pass over the probabilities.
+    /// One pass for the max, one for exp, sum and rounding. Panics unless [`available`].
+    pub(crate) fn softmax_numerators(
+        s: &[f32],
+        m: usize,
+        k: usize,
+        scale: f32,
+        sums: &mut [f32],
+    ) -> Self {
+        assert!(available(), "bf16 dot products need AVX-512 BF16");
+        assert!(s.len() >= m * k && sums.len() >= m);
+        let pairs = k.div_ceil(2);
+        let mut data: Vec<u32> = Vec::with_capacity(m * pairs);
+        for (r, sum) in sums[..m].iter_mut().enumerate() {
+            // SAFETY: available; row r's `pairs` slots lie inside the capacity.
+            *sum = unsafe { exp_row(&s[r * k..][..k], scale, data.as_mut_ptr().add(r * pairs)) };
+        }
+        // SAFETY: every row wrote all of its slots.
+        unsafe { data.set_len(m * pairs) };
+        PackedA { m, k, data }
+    }
+}
+
+/// `out` = pairs of `exp(scale · (row − max))` rounded to BF16 (a zero partner past the
+/// end); returns the sum of the unrounded values.
+///
+/// # Safety
+/// AVX-512 F, BW and BF16; `out` is valid for `row.len().div_ceil(2)` slots.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn exp_row(row: &[f32], scale: f32, out: *mut u32) -> f32 {
+    use super::cpu_math::{exp, exp16};
+    use std::arch::x86_64::*;
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    // SAFETY: whole 16-float chunks of `row`.
+    let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+    for c in chunks {
+        mv = _mm512_max_ps(mv, unsafe { _mm512_loadu_ps(c.as_ptr()) });
+    }
+    let max = tail.iter().fold(_mm512_reduce_max_ps(mv), |a, &b| a.max(b));
+    let whole = row.len() / 32;
+    let (vmax, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
+    let mut vsum = [_mm512_setzero_ps(); 2];
+    for (i, c) in row.chunks_exact(32).enumerate() {
+        // SAFETY: 32 floats of `row`; slots 16i..16i + 16 are inside `out`.
+        unsafe {
+            let e = [0, 16].map(|h| {
+                let v = _mm512_loadu_ps(c.as_ptr().add(h));
+                exp16(_mm512_mul_ps(_mm512_sub_ps(v, vmax), vscale))
+            });
+            vsum = [_mm512_add_ps(vsum[0], e[0]), _mm512_add_ps(vsum[1], e[1])];
+            // The second operand fills the low half.
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(e[1], e[0]));
+            _mm512_storeu_si512(out.add(16 * i) as *mut __m512i, v);
+        }
+    }
+    let mut sum = 0f32;
+    let rest = &row[32 * whole..];
+    for (i, two) in rest.chunks(2).enumerate() {
+        let lo = exp((two[0] - max) * scale);
+        let hi = two.get(1).map_or(0.0, |&v| exp((v - max) * scale));
+        sum += lo + hi;
+        let hi_bits = if two.len() == 2 { round_bf16(hi) } else { 0 };
+        // SAFETY: slot 16·whole + i is inside `out`.
+        unsafe { *out.add(16 * whole + i) = pair(round_bf16(lo), hi_bits) };
+    }
+    sum + _mm512_reduce_add_ps(_mm512_add_ps(vsum[0], vsum[1]))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn exp_row(_: &[f32], _: f32, _: *mut u32) -> f32 {
+    unreachable!("softmax_numerators checks available()")
 }
 
 /// `src` rounded to BF16 pairs: `out[i]` = (src[2i], src[2i + 1]), zero past the end.
@@ -252,33 +329,33 @@ unsafe fn round_32(src: *const f32, dst: *mut u32) {
     }
 }
 
-/// `act` of 16 lanes (the scalar formulas, vectorized by the compiler in this context).
+/// `act` of 16 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn activate(v: std::arch::x86_64::__m512, act: Activation) -> std::arch::x86_64::__m512 {
-    use super::cpu_math::{gelu_erf, relu2};
-    // SAFETY: __m512 and [f32; 16] have the same size; every bit pattern is valid in both.
-    let mut lanes: [f32; 16] = unsafe { std::mem::transmute(v) };
-    // A loop per arm: with a function pointer the calls were not inlined.
+    use std::arch::x86_64::*;
     match act {
-        Activation::Identity => return v,
-        Activation::Relu2 => lanes.iter_mut().for_each(|x| *x = relu2(*x)),
-        Activation::GeluErf => lanes.iter_mut().for_each(|x| *x = gelu_erf(*x)),
+        Activation::Identity => v,
+        Activation::Relu2 => {
+            let r = _mm512_max_ps(v, _mm512_setzero_ps());
+            _mm512_mul_ps(r, r)
+        }
+        Activation::GeluErf => super::cpu_math::gelu16(v),
     }
-    unsafe { std::mem::transmute(lanes) }
 }
 
 /// Rows of A per work item of [`matmul`] (whole tiles).
 const ROW_CHUNK: usize = 16 * MR;
 
-/// What is applied to each output element after the product: `act(c + bias)`, added to
-/// the output with `accumulate` (then `act` must be the identity), else stored.
+/// What is applied to each output element after the product: `act(c + bias) + residual`.
 #[derive(Clone, Copy)]
 pub(crate) struct Epilogue<'a> {
     /// One per column of B.
     pub bias: Option<&'a [f32]>,
     pub act: Activation,
-    pub accumulate: bool,
+    /// Laid out as the output (same origin and row stride): read, never written, so the
+    /// residual stream needs no copy.
+    pub residual: Option<&'a [f32]>,
 }
 
 impl Epilogue<'_> {
@@ -286,67 +363,39 @@ impl Epilogue<'_> {
     pub(crate) const NONE: Epilogue<'static> = Epilogue {
         bias: None,
         act: Activation::Identity,
-        accumulate: false,
+        residual: None,
     };
 }
 
-/// `out [m, n] = act(bf16(x) · W + bias)`, or `out += bf16(x) · W + bias` with
-/// `accumulate`, for `x` [m, k] f32 and the packed weights `w`. Panics unless [`available`]
-/// and the slices hold the shapes.
-pub(crate) fn matmul(x: &[f32], m: usize, w: &PackedB, out: &mut [f32], epilogue: Epilogue) {
-    assert!(out.len() >= m * w.n);
-    // SAFETY: `out` holds [m, n] initialized elements.
-    unsafe { run(x, m, w, out.as_mut_ptr(), epilogue) }
-}
-
-/// `act(bf16(x) · W + bias)` as a new [m, n] buffer, not zeroed first (every element is
-/// written once).
-pub(crate) fn matmul_new(
-    x: &[f32],
-    m: usize,
-    w: &PackedB,
-    bias: Option<&[f32]>,
-    act: Activation,
-) -> Vec<f32> {
-    let len = m * w.n;
-    let mut out = Vec::with_capacity(len);
-    let epilogue = Epilogue {
-        bias,
-        act,
-        accumulate: false,
-    };
-    // SAFETY: the capacity holds [m, n]; without `accumulate` nothing is read from it, and
-    // the tiles store every element of every row < m and column < n before `set_len`.
-    unsafe {
-        run(x, m, w, out.as_mut_ptr(), epilogue);
-        out.set_len(len);
-    }
-    out
-}
-
-/// [`matmul`] into `out` [m, n] (rows n apart). Work items are (panel, row chunk) pairs.
-///
-/// # Safety
-/// `out` is valid for writes of [m, n], and for reads with `accumulate`.
-unsafe fn run(x: &[f32], m: usize, w: &PackedB, out: *mut f32, epilogue: Epilogue) {
+/// `act(bf16(x) · W + bias) + residual` as a new [m, n] buffer, for `x` [m, k] f32 and the
+/// packed weights `w` (a residual is [m, n] too). Not zeroed first: every element is
+/// written once. Panics unless [`available`] and the slices hold the shapes.
+pub(crate) fn matmul(x: &[f32], m: usize, w: &PackedB, epilogue: Epilogue) -> Vec<f32> {
     let (k, n) = (w.k, w.n);
     assert!(available(), "bf16 dot products need AVX-512 BF16");
     assert!(x.len() >= m * k);
-    if m == 0 || n == 0 {
-        return;
+    assert!(epilogue.residual.is_none_or(|r| r.len() >= m * n));
+    let len = m * n;
+    let mut out = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
     }
     let a = PackedA::from_f32(x, k, m, k, true);
     let panels = w.panels();
     let chunks = m.div_ceil(ROW_CHUNK);
-    let dst = OutPtr(out);
+    let dst = OutPtr(out.as_mut_ptr());
     par_ranges(panels * chunks, m * n * k, |items| {
         for item in items {
             let (c, p) = (item / panels, item % panels);
             let tiles = c * ROW_CHUNK / MR..((c + 1) * ROW_CHUNK / MR).min(a.tiles());
-            // SAFETY: available; this item alone writes rows of chunk c, columns of panel p.
+            // SAFETY: available; the capacity holds [m, n], of which this item alone writes
+            // the rows of chunk c and the columns of panel p.
             unsafe { gemm_block(&a, tiles, w, p..p + 1, dst.at(0), n, epilogue) };
         }
     });
+    // SAFETY: the tiles stored every element of every row < m and column < n.
+    unsafe { out.set_len(len) };
+    out
 }
 
 #[derive(Clone, Copy)]
@@ -361,14 +410,14 @@ impl SlotPtr {
     }
 }
 
-/// `C[r][c] (+)= Σ_i A[r][i]·B[i][c]` for A's row tiles `tiles` and B's column panels
+/// `C[r][c] = Σ_i A[r][i]·B[i][c]` for A's row tiles `tiles` and B's column panels
 /// `panels`, on the calling thread: `out` is C's element (0, 0), rows `ldc` apart. With
 /// `epilogue` applied as each register tile is stored.
 ///
 /// # Safety
 /// [`available`]; `a.k == b.k`; the ranges lie inside A's tiles and B's panels; every C
-/// element of those rows (< m) and columns (< n) is valid for reads and writes, and no
-/// other thread touches them during the call.
+/// element of those rows (< m) and columns (< n) is valid for writes, and no other thread
+/// touches them during the call.
 pub(crate) unsafe fn gemm_block(
     a: &PackedA,
     tiles: std::ops::Range<usize>,
@@ -380,7 +429,11 @@ pub(crate) unsafe fn gemm_block(
 ) {
     debug_assert_eq!(a.k, b.k);
     assert!(epilogue.bias.is_none_or(|v| v.len() == b.n));
-    assert!(!epilogue.accumulate || epilogue.act == Activation::Identity);
+    assert!(
+        epilogue
+            .residual
+            .is_none_or(|v| a.m == 0 || v.len() >= (a.m - 1) * ldc + b.n)
+    );
     let pairs = b.pairs();
     for p in panels {
         let cols = NR.min(b.n - p * NR);
@@ -396,7 +449,9 @@ pub(crate) unsafe fn gemm_block(
                 cols,
                 bias: epilogue.bias.map(|v| &v[p * NR..p * NR + cols]),
                 act: epilogue.act,
-                accumulate: epilogue.accumulate,
+                residual: epilogue
+                    .residual
+                    .map(|v| v.as_ptr().wrapping_add(t * MR * ldc + p * NR)),
             };
             // SAFETY: forwarded from the caller; the tile's rows and columns are inside C.
             #[cfg(target_arch = "x86_64")]
@@ -437,7 +492,8 @@ struct Tile<'a> {
     cols: usize,
     bias: Option<&'a [f32]>,
     act: Activation,
-    accumulate: bool,
+    /// This tile's element (0, 0) of the residual, rows `ldc` apart.
+    residual: Option<*const f32>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -446,10 +502,25 @@ impl Tile<'_> {
     /// AVX-512 F, BW and BF16; the pointers as described on [`gemm_block`].
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn run<const R: usize>(&self) {
+        // SAFETY: forwarded from the caller. Two functions: when the product and the
+        // epilogue shared one body, `acc` lived on the stack (zeroed by a memset per tile)
+        // instead of in registers.
+        unsafe {
+            let acc = self.products::<R>();
+            self.store::<R>(&acc);
+        }
+    }
+
+    /// The tile's f32 products, accumulated in registers.
+    ///
+    /// # Safety
+    /// As [`Tile::run`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn products<const R: usize>(&self) -> [[std::arch::x86_64::__m512; 4]; R] {
         use std::arch::x86_64::*;
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        // SAFETY: A's R rows and B's panel hold `pairs` slots and steps of NR slots; the output
-        // rows < R and columns < cols are C's (caller).
+        // SAFETY: A's R rows and B's panel hold `pairs` slots and steps of NR slots.
         unsafe {
             for i in 0..self.pairs {
                 let bp = self.b.add(i * NR);
@@ -464,6 +535,20 @@ impl Tile<'_> {
                     }
                 }
             }
+        }
+        acc
+    }
+
+    /// The epilogue of each product, stored under the column mask.
+    ///
+    /// # Safety
+    /// As [`Tile::run`]: the output rows < R and columns < cols are C's.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline(never)]
+    unsafe fn store<const R: usize>(&self, acc: &[[std::arch::x86_64::__m512; 4]; R]) {
+        use std::arch::x86_64::*;
+        // SAFETY: as documented; bias and residual hold the same columns.
+        unsafe {
             for (r, acc_r) in acc.iter().enumerate() {
                 for (v, &sum) in acc_r.iter().enumerate() {
                     let c0 = 16 * v;
@@ -479,8 +564,9 @@ impl Tile<'_> {
                             _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(c0)));
                     }
                     sum = activate(sum, self.act);
-                    if self.accumulate {
-                        sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, y), sum);
+                    if let Some(res) = self.residual {
+                        let res = res.add(r * self.ldc + c0);
+                        sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, res), sum);
                     }
                     _mm512_mask_storeu_ps(y, mask, sum);
                 }
@@ -520,28 +606,29 @@ mod tests {
             let init: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
             let bias: Vec<f32> = (0..n).map(|_| rnd()).collect();
             let a = PackedA::from_f32(&x, k, m, k, true);
-            let epi = |bias: Option<&'static [f32]>, act, accumulate| Epilogue {
+            let (bias, init): (&'static [f32], &'static [f32]) = (bias.leak(), init.leak());
+            let epi = |bias: Option<&'static [f32]>, act, residual| Epilogue {
                 bias,
                 act,
-                accumulate,
+                residual,
             };
-            let bias: &'static [f32] = bias.leak();
             for (packed, epilogue) in [
                 (PackedB::from_weight_rows(&wb, n, k), Epilogue::NONE),
                 (
                     PackedB::from_weight_rows(&wb, n, k),
-                    epi(Some(bias), Activation::GeluErf, false),
+                    epi(Some(bias), Activation::GeluErf, None),
                 ),
                 (
                     PackedB::from_f32_rows(&bt, k, n, k),
-                    epi(Some(bias), Activation::Identity, true),
+                    epi(Some(bias), Activation::Relu2, Some(init)),
                 ),
                 (
                     PackedB::from_f32_cols(&b_kn, n, k, n),
-                    epi(None, Activation::Relu2, false),
+                    epi(None, Activation::Relu2, None),
                 ),
             ] {
-                let mut out = init.clone();
+                // Every element is overwritten.
+                let mut out = vec![f32::NAN; m * n];
                 // SAFETY: available; out is [m, n] with ldc n.
                 unsafe {
                     gemm_block(
@@ -572,12 +659,7 @@ mod tests {
                                 super::super::cpu_math::gelu_erf(dot as f32) as f64
                             }
                         };
-                        let want = want
-                            + if epilogue.accumulate {
-                                init[t * n + o] as f64
-                            } else {
-                                0.0
-                            };
+                        let want = want + epilogue.residual.map_or(0.0, |v| v[t * n + o] as f64);
                         let got = out[t * n + o] as f64;
                         // f32 sums of k exact products: error ≲ k·2⁻²⁴ of their magnitudes.
                         let tol = 1e-6 * (1.0 + mag + dot.abs()) * (1.0 + 2.0 * dot.abs());

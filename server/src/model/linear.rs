@@ -280,11 +280,10 @@ impl Linear {
                 if r.dims() != out_dims.as_slice() {
                     candle_core::bail!("linear: residual {:?} is not {out_dims:?}", r.dims());
                 }
-                Some(r.flatten_all()?.to_vec1::<f32>()?)
+                Some(r.contiguous()?)
             }
             Epilogue::Act(_) => None,
         };
-        let accumulate = residual.is_some();
         let x = x.contiguous()?;
         let out = {
             let (xs, xl) = x.storage_and_layout();
@@ -300,18 +299,19 @@ impl Linear {
                 None => None,
             };
             match &self.weight {
-                Weight::Packed(p) => match residual {
-                    Some(mut out) => {
-                        let epilogue = bf16_gemm::Epilogue {
-                            bias: bv,
-                            act,
-                            accumulate,
-                        };
-                        bf16_gemm::matmul(xv, m, p, &mut out, epilogue);
-                        out
-                    }
-                    None => bf16_gemm::matmul_new(xv, m, p, bv, act),
-                },
+                Weight::Packed(p) => {
+                    let guard = residual.as_ref().map(|r| r.storage_and_layout());
+                    let residual = match &guard {
+                        Some((rs, rl)) => Some(&cpu_f32(rs)?[rl.start_offset()..][..m * n]),
+                        None => None,
+                    };
+                    let epilogue = bf16_gemm::Epilogue {
+                        bias: bv,
+                        act,
+                        residual,
+                    };
+                    bf16_gemm::matmul(xv, m, p, epilogue)
+                }
                 Weight::Tensor(weight) => {
                     if !weight.is_contiguous() {
                         candle_core::bail!("linear: weight is not contiguous");
@@ -323,7 +323,11 @@ impl Linear {
                         Storage::Cpu(CpuStorage::BF16(v)) => Weights::Bf16(&v[off..off + n * k]),
                         _ => candle_core::bail!("linear: weight is not a CPU f32/bf16 tensor"),
                     };
-                    let mut out = residual.unwrap_or_else(|| vec![0f32; m * n]);
+                    let accumulate = residual.is_some();
+                    let mut out = match residual {
+                        Some(r) => r.flatten_all()?.to_vec1::<f32>()?,
+                        None => vec![0f32; m * n],
+                    };
                     linear_into(xv, m, k, w, n, bv, act, &mut out, accumulate, self.matmul);
                     out
                 }

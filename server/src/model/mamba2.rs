@@ -246,30 +246,19 @@ impl Mamba2 {
         }
     }
 
-    /// One sequence, several tokens: `proj` [L, di + cd + H]. Its state is copied out of
-    /// `slot`, run through the chunked scan and written back. Returns y [L, di] f32.
+    /// One sequence, several tokens: `proj` [L, di + cd + H]. Its state in `slot` is
+    /// advanced in place on CPU; elsewhere it is copied out, run through the chunked scan and
+    /// written back. Returns y [L, di] f32.
     fn prefill(&self, proj: &Tensor, pool: &MambaPool, slot: u32) -> Result<Tensor> {
-        let l = proj.dim(0)?;
-        if self.fused_cpu_applies(proj) && l > CPU_PREFILL_PIECE {
-            // The state carries from piece to piece through the slot, and the CPU scan is
-            // sequential anyway: same result, with each piece's temporaries (conv output,
-            // scan output, D skip, norm: ~40 KB per token at the mid size) freed before the
-            // next piece allocates them again.
-            let parts = (0..l)
-                .step_by(CPU_PREFILL_PIECE)
-                .map(|s| {
-                    let n = CPU_PREFILL_PIECE.min(l - s);
-                    self.prefill_one(&proj.narrow(0, s, n)?, pool, slot)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            return Tensor::cat(&parts, 0);
+        if self.fused_cpu_applies(proj) {
+            return cpu::prefill(self, proj, pool, slot, CPU_PREFILL_PIECE);
         }
         self.prefill_one(proj, pool, slot)
     }
 
-    /// [`Mamba2::prefill`] of one piece, through the kernels or the candle-op path.
+    /// [`Mamba2::prefill`] through the device kernels or the candle-op path.
     fn prefill_one(&self, proj: &Tensor, pool: &MambaPool, slot: u32) -> Result<Tensor> {
-        if self.device_kernels || self.fused_cpu_applies(proj) {
+        if self.device_kernels {
             return self.prefill_kernels(proj, pool, slot);
         }
         let d = self.dims;

@@ -10,12 +10,13 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, bail};
-use candle_nn::{LayerNorm, VarBuilder, layer_norm};
+use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::bf16_gemm::{self, PackedA, PackedB};
 use super::cpu_math::{SCORES, gemm_rows, softmax_in_place};
 use super::linear::{Activation, CpuMatmul, Linear, OutPtr, load_compact, par_ranges};
+use super::norm::LayerNorm;
 use crate::kernels;
 
 /// The checkpoint prefix of the weights [`RadioEncoder::load`] expects its
@@ -156,7 +157,7 @@ impl Attention {
 }
 
 /// Query rows per attention work item: bounds the per-thread score scratch (~1 MiB).
-const QUERY_BLOCK: usize = 256;
+const QUERY_BLOCK: usize = 96;
 
 /// Softmax attention straight from the fused qkv rows `[n, L, 3·heads·hd]` (no q/k/v
 /// copies): work items are (tile, head, query block), each two single-threaded gemms with
@@ -241,9 +242,9 @@ struct Block {
 impl Block {
     fn new(hidden: usize, mlp: usize, cfg: &RadioConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Block {
-            norm1: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(hidden, cfg.layer_norm_eps, vb.pp("norm1"))?,
             attn: Attention::new(hidden, cfg.num_heads, vb.pp("attn"))?,
-            norm2: layer_norm(hidden, cfg.layer_norm_eps, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(hidden, cfg.layer_norm_eps, vb.pp("norm2"))?,
             fc1: Linear::new(hidden, mlp, true, vb.pp("mlp.fc1"))?,
             fc2: Linear::new(mlp, hidden, true, vb.pp("mlp.fc2"))?,
         })
@@ -550,14 +551,16 @@ fn attention_cpu_bf16(
         let (k, v) = &packed[b.tile * heads + b.head];
         let q_rows = &qkv[base(b.tile, b.head) + b.r0 * row..];
         let q = PackedA::from_f32(q_rows, row, b.rows, hd, false);
-        // SAFETY (both products): the CPU has the BF16 dot products (`bf16` is only set
-        // then); `s` holds rows·l floats; `o` is this item's own output block.
         unsafe { bf16_gemm::gemm(&q, k, s.as_mut_ptr(), l) };
-        for r in s.chunks_exact_mut(l) {
-            softmax_in_place(r, scale);
-        }
-        let p = PackedA::from_f32(s, l, b.rows, l, false);
+        let mut sums = [0f32; QUERY_BLOCK];
+        let p = PackedA::softmax_numerators(s, b.rows, l, scale, &mut sums);
         unsafe { bf16_gemm::gemm(&p, v, o, hidden) };
+        for (r, sum) in sums[..b.rows].iter().enumerate() {
+            let inv = 1.0 / sum;
+            // SAFETY: row r of this item's output block, `hd` floats.
+            let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * hidden), hd) };
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
     })
 }
 
@@ -700,7 +703,8 @@ mod tests {
     }
 
     /// The BF16 CPU attention against the tensor-op formula on BF16-rounded q, k, v and
-    /// probabilities, with several query blocks, partial key and value panels, two tiles.
+    /// softmax numerators, with several query blocks, partial key and value panels, two
+    /// tiles.
     #[test]
     fn bf16_attention_matches_rounded_formula() -> Result<()> {
         if !bf16_gemm::available() {
@@ -716,7 +720,13 @@ mod tests {
 
         let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
         let (p, v) = formula_probs(&round(&qkv)?, heads, hd)?;
-        let want = formula_out(&round(&p)?, &v)?;
+        // As flash attention rounds: the numerators exp(s − max) to BF16 for PV, the f32
+        // row sums (of the unrounded numerators) applied after.
+        let max = p.max_keepdim(3)?;
+        let numerators = p.broadcast_div(&max)?;
+        let sums = numerators.sum_keepdim(3)?;
+        let want = round(&numerators)?.matmul(&v)?.broadcast_div(&sums)?;
+        let want = want.transpose(1, 2)?.reshape((n, l, hidden))?;
         let exact = formula_out(&p, &v)?;
         let mean_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             (a - b)?.abs()?.mean_all()?.to_scalar::<f32>()

@@ -1,5 +1,5 @@
-//! CPU kernels of the Mamba2 mixer: the decode step over the state pool (in place, one
-//! pass per sequence), the prefill conv and the gated RMSNorm. The per-row math is shared
+//! CPU kernels of the Mamba2 mixer: the decode step and the prefill over the state pool (in
+//! place: no copies of the states), and the conv and gated RMSNorm of the candle-op path. The per-row math is shared
 //! with the device kernels' CPU twins ([`crate::kernels`]).
 
 use std::sync::Mutex;
@@ -10,7 +10,11 @@ use super::super::linear::{OutPtr, par_ranges};
 use super::super::norm::GatedRmsNorm;
 use super::super::state::MambaPool;
 use super::{Mamba2, MambaDims};
-use crate::kernels::cpu::{conv_update_row, dt_row, gated_norm_row, silu, ssm_update_row};
+use crate::kernels::cpu::{
+    ScanInputs, conv_update_row, conv1d_prefill, dt_row, gated_norm_row, silu, ssd_scan_in_place,
+    ssm_update_row,
+};
+use crate::kernels::{AnyRows, CpuF32, Rows};
 
 /// The decode step on CPU: `proj` [B, di + cd + H] f32 (in_proj output), `slots` [B] u32.
 /// Reads and writes the sequences' pool rows in place (conv window, then SSM state) and
@@ -61,6 +65,191 @@ pub(super) fn decode(
     };
     pool.ssm.inplace_op3(&proj, slots, &ssm)?;
     Tensor::from_vec(take(&ssm.out), (bsz, di), proj.device())
+}
+
+/// The prefill of one sequence on CPU: `proj` [L, di + cd + H] f32 (in_proj output); the
+/// conv window and SSM state in pool row `slot` are advanced in place. Returns y [L, di] f32
+/// after the D skip and the gated norm. Runs `piece` tokens at a time, so the temporaries
+/// (conv and scan output, ~5 floats per channel) are those of one piece; the scan is
+/// sequential in the tokens anyway.
+pub(super) fn prefill(
+    m: &Mamba2,
+    proj: &Tensor,
+    pool: &MambaPool,
+    slot: u32,
+    piece: usize,
+) -> Result<Tensor> {
+    let d = m.dims;
+    let (di, cd) = (d.d_inner(), d.conv_dim());
+    let l = proj.dim(0)?;
+    let proj = proj.contiguous()?;
+    if proj.dims() != [l, di + cd + d.heads] {
+        candle_core::bail!("mamba prefill: in_proj output {:?}", proj.dims());
+    }
+    let slots = Tensor::new(&[slot], proj.device())?;
+    let conv_w = CpuF32::new(&m.conv_w)?;
+    let conv_b = m.conv_b.as_ref().map(CpuF32::new).transpose()?;
+    let (dt_bias, a, skip) = (
+        CpuF32::new(&m.dt_bias)?,
+        CpuF32::new(&m.a)?,
+        CpuF32::new(&m.d)?,
+    );
+    let norm_w = CpuF32::new(m.norm.weight())?;
+    let mut y = vec![0f32; l * di];
+    for (s, y_piece) in (0..l)
+        .step_by(piece.max(1))
+        .zip(y.chunks_mut(piece.max(1) * di))
+    {
+        let rows = proj.narrow(0, s, y_piece.len() / di)?;
+        let conv = ConvPrefill {
+            w: conv_w.slice()?,
+            b: conv_b.as_ref().map(|b| b.slice()).transpose()?,
+            dims: d,
+            out: Mutex::new(Vec::new()),
+        };
+        pool.conv.inplace_op3(&rows, &slots, &conv)?;
+        let xc = take(&conv.out);
+        let scan = ScanPrefill {
+            xc: &xc,
+            dt_bias: dt_bias.slice()?,
+            a: a.slice()?,
+            d: skip.slice()?,
+            dt_limit: (m.dt_limit.0 as f32, m.dt_limit.1 as f32),
+            norm_w: norm_w.slice()?,
+            group: m.norm.group_size(),
+            eps: m.norm.eps(),
+            dims: d,
+            out: Mutex::new(y_piece),
+        };
+        pool.ssm.inplace_op3(&rows, &slots, &scan)?;
+    }
+    Tensor::from_vec(y, (l, di), proj.device())
+}
+
+/// In place on the conv pool: the prefill conv of one sequence's tokens
+/// ([`conv1d_prefill`]), its window moved to their last K−1; keeps SiLU(conv) [T, cd].
+struct ConvPrefill<'a> {
+    w: &'a [f32],
+    b: Option<&'a [f32]>,
+    dims: MambaDims,
+    out: Mutex<Vec<f32>>,
+}
+
+impl InplaceOp3 for ConvPrefill<'_> {
+    fn name(&self) -> &'static str {
+        "mamba-conv-prefill"
+    }
+
+    fn cpu_fwd(
+        &self,
+        pool: &mut CpuStorage,
+        pool_l: &Layout,
+        proj: &CpuStorage,
+        proj_l: &Layout,
+        slots: &CpuStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        let d = self.dims;
+        let (di, cd) = (d.d_inner(), d.conv_dim());
+        let (dp, win) = (di + cd + d.heads, (d.conv_kernel - 1) * cd);
+        let (pool, pool_slots) = pool_data(pool, pool_l, win)?;
+        let &[slot] = slot_rows(slots, slots_l, pool_slots)?.as_slice() else {
+            candle_core::bail!("mamba prefill: one sequence at a time");
+        };
+        let t = proj_l.dims()[0];
+        let proj = proj_data(proj, proj_l, t * dp)?;
+        let window = &mut pool[slot * win..(slot + 1) * win];
+        let xbc = AnyRows::F32(Rows::new(proj, di, dp, t, cd));
+        let (out, new_window) = conv1d_prefill(xbc, window, self.w, self.b);
+        window.copy_from_slice(&new_window);
+        *self.out.lock().unwrap_or_else(|e| e.into_inner()) = out;
+        Ok(())
+    }
+}
+
+/// In place on the SSM pool: dt, the scan with the D skip ([`ssd_scan_in_place`]) and the
+/// gated norm of one sequence's tokens, into `out` [T, di].
+struct ScanPrefill<'a> {
+    /// SiLU(conv) [T, cd] from [`ConvPrefill`].
+    xc: &'a [f32],
+    dt_bias: &'a [f32],
+    a: &'a [f32],
+    d: &'a [f32],
+    dt_limit: (f32, f32),
+    norm_w: &'a [f32],
+    group: usize,
+    eps: f32,
+    dims: MambaDims,
+    out: Mutex<&'a mut [f32]>,
+}
+
+impl InplaceOp3 for ScanPrefill<'_> {
+    fn name(&self) -> &'static str {
+        "mamba-scan-prefill"
+    }
+
+    fn cpu_fwd(
+        &self,
+        pool: &mut CpuStorage,
+        pool_l: &Layout,
+        proj: &CpuStorage,
+        proj_l: &Layout,
+        slots: &CpuStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        let d = self.dims;
+        let (di, cd, nh) = (d.d_inner(), d.conv_dim(), d.heads);
+        let (dp, gn, row) = (di + cd + nh, d.groups * d.state, nh * d.head_dim * d.state);
+        let (pool, pool_slots) = pool_data(pool, pool_l, row)?;
+        let &[slot] = slot_rows(slots, slots_l, pool_slots)?.as_slice() else {
+            candle_core::bail!("mamba prefill: one sequence at a time");
+        };
+        let t = proj_l.dims()[0];
+        let proj = proj_data(proj, proj_l, t * dp)?;
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if self.xc.len() != t * cd || out.len() != t * di {
+            candle_core::bail!("mamba prefill: conv output or y does not match the tokens");
+        }
+        let mut dt = vec![0f32; t * nh];
+        for (dt, p) in dt.chunks_exact_mut(nh).zip(proj.chunks_exact(dp)) {
+            dt_row(&p[di + cd..], self.dt_bias, self.dt_limit, dt);
+        }
+        let inputs = ScanInputs {
+            x: self.xc,
+            x_stride: cd,
+            b: &self.xc[di..],
+            c: &self.xc[di + gn..],
+            bc_stride: cd,
+            dt: &dt,
+            a: self.a,
+            d: Some(self.d),
+        };
+        let mut ys = vec![0f32; t * di];
+        let state = &mut pool[slot * row..(slot + 1) * row];
+        ssd_scan_in_place(
+            &inputs,
+            state,
+            &mut ys,
+            (t, nh, d.head_dim, d.groups, d.state),
+        );
+        let out_p = OutPtr(out.as_mut_ptr());
+        par_ranges(t, t * di * 4, |tokens| {
+            for r in tokens {
+                // SAFETY: row r of `out` is written by this worker only.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_p.at(r * di), di) };
+                let z = &proj[r * dp..r * dp + di];
+                gated_norm_row(
+                    &ys[r * di..(r + 1) * di],
+                    z,
+                    self.norm_w,
+                    self.group,
+                    self.eps,
+                    o,
+                );
+            }
+        });
+        Ok(())
+    }
 }
 
 fn take(out: &Mutex<Vec<f32>>) -> Vec<f32> {
@@ -316,37 +505,4 @@ pub(super) fn gated_norm_cpu(y: &Tensor, z: &Tensor, norm: &GatedRmsNorm) -> Res
     });
     drop(zg);
     Tensor::from_vec(out, (t, d), y.device())
-}
-
-/// Borrowed f32 data of a contiguous CPU tensor.
-pub(super) struct CpuF32<'a> {
-    guard: candle_core::StorageRef<'a>,
-    start: usize,
-    len: usize,
-}
-
-impl<'a> CpuF32<'a> {
-    pub(super) fn new(t: &'a Tensor) -> Result<Self> {
-        if !t.is_contiguous() {
-            candle_core::bail!(
-                "mamba decode: expected a contiguous tensor, got {:?}",
-                t.layout()
-            );
-        }
-        let (guard, layout) = t.storage_and_layout();
-        Ok(CpuF32 {
-            start: layout.start_offset(),
-            len: t.elem_count(),
-            guard,
-        })
-    }
-
-    pub(super) fn slice(&self) -> Result<&[f32]> {
-        match &*self.guard {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                Ok(&v[self.start..self.start + self.len])
-            }
-            _ => candle_core::bail!("mamba decode: expected CPU f32 data"),
-        }
-    }
 }
