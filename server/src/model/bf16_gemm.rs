@@ -101,7 +101,7 @@ impl PackedB {
         self.k.div_ceil(2)
     }
 
-    fn panels(&self) -> usize {
+    pub(crate) fn panels(&self) -> usize {
         self.n.div_ceil(NR)
     }
 
@@ -216,25 +216,34 @@ impl PackedA {
         self.m.div_ceil(MR)
     }
 
-    /// The softmax numerators of score rows, as the A operand of `P · V`: row r of `s`
-    /// (`k` floats, rows `k` apart) becomes `exp(scale · (s − max_r))` rounded to BF16, and
-    /// `sums[r]` the f32 sum of the unrounded numerators. Dividing the product's rows by
-    /// `sums` afterwards (as flash attention does) saves a pass over the probabilities.
-    /// One pass for the max, one for exp, sum and rounding. Panics unless [`available`].
+    /// The softmax numerators of score rows, as the A operand [m, k] of `P · V`: row r
+    /// (`s[r·lds..]`) becomes `exp(scale · (s − max_r))` over its first `live(r)` <= k
+    /// scores, rounded to BF16, and zero past them (causal masking); `sums[r]` is the f32
+    /// sum of the unrounded numerators. Dividing the product's rows by `sums` afterwards
+    /// (as flash attention does) saves a pass over the probabilities. One pass for the
+    /// max, one for exp, sum and rounding. Panics unless [`available`].
     pub(crate) fn softmax_numerators(
         s: &[f32],
-        m: usize,
-        k: usize,
+        (m, k, lds): (usize, usize, usize),
+        live: impl Fn(usize) -> usize,
         scale: f32,
         sums: &mut [f32],
     ) -> Self {
         assert!(available(), "bf16 dot products need AVX-512 BF16");
-        assert!(s.len() >= m * k && sums.len() >= m);
+        assert!(sums.len() >= m && k <= lds);
         let pairs = k.div_ceil(2);
         let mut data: Vec<u32> = Vec::with_capacity(m * pairs);
         for (r, sum) in sums[..m].iter_mut().enumerate() {
-            // SAFETY: available; row r's `pairs` slots lie inside the capacity.
-            *sum = unsafe { exp_row(&s[r * k..][..k], scale, data.as_mut_ptr().add(r * pairs)) };
+            let n = live(r);
+            assert!(n <= k);
+            let out =
+                data.spare_capacity_mut()[r * pairs..(r + 1) * pairs].as_mut_ptr() as *mut u32;
+            // SAFETY: available; the row's `pairs` slots lie inside the capacity: its live
+            // pairs are written by `exp_row`, the rest zeroed here.
+            unsafe {
+                *sum = exp_row(&s[r * lds..][..n], scale, out);
+                std::ptr::write_bytes(out.add(n.div_ceil(2)), 0, pairs - n.div_ceil(2));
+            }
         }
         // SAFETY: every row wrote all of its slots.
         unsafe { data.set_len(m * pairs) };
@@ -415,9 +424,10 @@ impl SlotPtr {
 /// `epilogue` applied as each register tile is stored.
 ///
 /// # Safety
-/// [`available`]; `a.k == b.k`; the ranges lie inside A's tiles and B's panels; every C
-/// element of those rows (< m) and columns (< n) is valid for writes, and no other thread
-/// touches them during the call.
+/// [`available`]; `a.k <= b.k` (B's rows past A's k do not count; B's values are finite,
+/// since the zero partner of an odd k multiplies one); the ranges lie inside A's tiles and
+/// B's panels; every C element of those rows (< m) and columns (< n) is valid for writes,
+/// and no other thread touches them during the call.
 pub(crate) unsafe fn gemm_block(
     a: &PackedA,
     tiles: std::ops::Range<usize>,
@@ -427,17 +437,17 @@ pub(crate) unsafe fn gemm_block(
     ldc: usize,
     epilogue: Epilogue,
 ) {
-    debug_assert_eq!(a.k, b.k);
+    assert!(a.k <= b.k);
     assert!(epilogue.bias.is_none_or(|v| v.len() == b.n));
     assert!(
         epilogue
             .residual
             .is_none_or(|v| a.m == 0 || v.len() >= (a.m - 1) * ldc + b.n)
     );
-    let pairs = b.pairs();
+    let pairs = a.k.div_ceil(2);
     for p in panels {
         let cols = NR.min(b.n - p * NR);
-        let bp = b.data.as_ptr().wrapping_add(p * pairs * NR);
+        let bp = b.data.as_ptr().wrapping_add(p * b.pairs() * NR);
         for t in tiles.clone() {
             let rows = MR.min(a.m - t * MR);
             let tile = Tile {
