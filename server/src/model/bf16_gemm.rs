@@ -1,4 +1,4 @@
-//! `C [m, n] (+)= A [m, k] · B [k, n]` with both operands BF16 and f32 accumulation, on
+//! `C [m, n] = A [m, k] · B [k, n]` with both operands BF16 and f32 accumulation, on
 //! AVX-512 BF16 (`vdpbf16ps`: 32 products per instruction, twice an f32 FMA's).
 //!
 //! The outer-product form of a packed GEMM: `vdpbf16ps` multiplies pairs of adjacent
@@ -11,25 +11,28 @@
 //!
 //! Every product of two BF16 values is exact in f32; only the order of the f32 additions
 //! differs from a scalar loop. Used for the linear layers' weights in the BF16 CPU matmul
-//! mode ([`super::linear::CpuMatmul`]), packed once at load time, and for the vision
-//! encoder's attention, whose keys and values are packed per call.
+//! mode ([`super::linear::CpuMatmul`]), packed once at load time, and for the attention of
+//! the vision encoder and of the LLM's prompt, whose keys and values are packed per call.
+//! The output is f32, or BF16 for a layer that only feeds another one ([`Store`]); A is
+//! rounded from f32 or taken as it is from BF16 ([`PackedA::from_bf16`]).
 
 use half::bf16;
 
 use super::cpu_math::{Activation, dispatch};
-use super::linear::{OutPtr, par_ranges};
+use super::linear::par_ranges;
 
 /// Output columns per panel: four vectors of 16 f32.
 pub(crate) const NR: usize = 64;
 /// Rows per register tile (with 4 column vectors: 24 of the 32 vector registers).
 pub(crate) const MR: usize = 6;
 
-/// Whether this CPU runs these kernels (AVX-512 F, BW and BF16).
+/// Whether this CPU runs these kernels (AVX-512 F, BW, VL and BF16).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -181,14 +184,49 @@ impl PackedB {
 }
 
 /// The A operand: its rows rounded to BF16, each padded to whole pairs (a zero partner for
-/// an odd k), row after row. A tile reads its rows' pair `i` as one slot each.
-pub(crate) struct PackedA {
+/// an odd k), row after row. A tile reads its rows' pair `i` as one slot each. For an even
+/// k this is a row-major BF16 matrix, so BF16 activations are used as they are.
+pub(crate) struct PackedA<'a> {
     m: usize,
     k: usize,
-    data: Vec<u32>,
+    data: std::borrow::Cow<'a, [u32]>,
 }
 
-impl PackedA {
+impl<'a> PackedA<'a> {
+    /// The rows of a row-major BF16 matrix `x` [m, k]: borrowed when k is even and `x` is
+    /// 4-byte aligned (the layouts are the same), else copied into pairs.
+    pub(crate) fn from_bf16(x: &'a [bf16], m: usize, k: usize) -> Self {
+        assert!(x.len() >= m * k);
+        let pairs = k.div_ceil(2);
+        if k.is_multiple_of(2) && (x.as_ptr() as usize).is_multiple_of(4) {
+            // SAFETY: m·k BF16 values are m·k/2 32-bit slots, aligned as checked; every bit
+            // pattern is a valid u32.
+            let data = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u32, m * pairs) };
+            return PackedA {
+                m,
+                k,
+                data: data.into(),
+            };
+        }
+        let bits = |e: usize| x[e].to_bits() as u32;
+        let data = (0..m * pairs)
+            .map(|s| {
+                let (r, i) = (s / pairs, s % pairs);
+                let hi = if 2 * i + 1 < k {
+                    bits(r * k + 2 * i + 1)
+                } else {
+                    0
+                };
+                pair(bits(r * k + 2 * i), hi)
+            })
+            .collect::<Vec<u32>>();
+        PackedA {
+            m,
+            k,
+            data: data.into(),
+        }
+    }
+
     /// Rows `x[r·stride..][..k]`, r < m, rounded to BF16 (nearest even); rows are rounded
     /// in parallel when `parallel`.
     pub(crate) fn from_f32(x: &[f32], stride: usize, m: usize, k: usize, parallel: bool) -> Self {
@@ -209,7 +247,11 @@ impl PackedA {
         } else {
             pack(0..m);
         }
-        PackedA { m, k, data }
+        PackedA {
+            m,
+            k,
+            data: data.into(),
+        }
     }
 
     pub(crate) fn tiles(&self) -> usize {
@@ -247,7 +289,11 @@ impl PackedA {
         }
         // SAFETY: every row wrote all of its slots.
         unsafe { data.set_len(m * pairs) };
-        PackedA { m, k, data }
+        PackedA {
+            m,
+            k,
+            data: data.into(),
+        }
     }
 }
 
@@ -376,35 +422,100 @@ impl Epilogue<'_> {
     };
 }
 
-/// `act(bf16(x) · W + bias) + residual` as a new [m, n] buffer, for `x` [m, k] f32 and the
-/// packed weights `w` (a residual is [m, n] too). Not zeroed first: every element is
-/// written once. Panics unless [`available`] and the slices hold the shapes.
-pub(crate) fn matmul(x: &[f32], m: usize, w: &PackedB, epilogue: Epilogue) -> Vec<f32> {
-    let (k, n) = (w.k, w.n);
+/// An output element of the kernel: how 16 f32 results are stored.
+pub(crate) trait Store: Copy {
+    /// Stores the `mask`ed lanes of `v` at `dst`.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW, VL and BF16; those lanes of `dst` are valid for writes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn store16(
+        dst: *mut Self,
+        mask: std::arch::x86_64::__mmask16,
+        v: std::arch::x86_64::__m512,
+    );
+}
+
+impl Store for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn store16(
+        dst: *mut f32,
+        mask: std::arch::x86_64::__mmask16,
+        v: std::arch::x86_64::__m512,
+    ) {
+        // SAFETY: as documented on the trait.
+        unsafe { std::arch::x86_64::_mm512_mask_storeu_ps(dst, mask, v) }
+    }
+}
+
+/// Rounded to nearest even, as [`PackedA::from_f32`] rounds the next layer's input.
+impl Store for bf16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn store16(
+        dst: *mut bf16,
+        mask: std::arch::x86_64::__mmask16,
+        v: std::arch::x86_64::__m512,
+    ) {
+        use std::arch::x86_64::*;
+        // SAFETY: as documented on the trait; __m256bh and __m256i are the same 256 bits.
+        unsafe {
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_mask_storeu_epi16(dst as *mut i16, mask, h);
+        }
+    }
+}
+
+/// `act(A · W + bias) + residual` as a new [m, n] buffer of f32 or (rounded) BF16, for the
+/// activations `a` [m, k] and the packed weights `w` (a residual is [m, n] too). Not zeroed
+/// first: every element is written once. Panics unless [`available`] and the slices hold
+/// the shapes.
+pub(crate) fn matmul<O: Store>(a: &PackedA, w: &PackedB, epilogue: Epilogue) -> Vec<O> {
+    let (m, n) = (a.m, w.n);
     assert!(available(), "bf16 dot products need AVX-512 BF16");
-    assert!(x.len() >= m * k);
+    assert_eq!(a.k, w.k);
     assert!(epilogue.residual.is_none_or(|r| r.len() >= m * n));
     let len = m * n;
-    let mut out = Vec::with_capacity(len);
+    let mut out: Vec<O> = Vec::with_capacity(len);
     if len == 0 {
         return out;
     }
-    let a = PackedA::from_f32(x, k, m, k, true);
     let panels = w.panels();
     let chunks = m.div_ceil(ROW_CHUNK);
-    let dst = OutPtr(out.as_mut_ptr());
-    par_ranges(panels * chunks, m * n * k, |items| {
+    let dst = StorePtr(out.as_mut_ptr());
+    par_ranges(panels * chunks, m * n * a.k, |items| {
         for item in items {
             let (c, p) = (item / panels, item % panels);
             let tiles = c * ROW_CHUNK / MR..((c + 1) * ROW_CHUNK / MR).min(a.tiles());
             // SAFETY: available; the capacity holds [m, n], of which this item alone writes
             // the rows of chunk c and the columns of panel p.
-            unsafe { gemm_block(&a, tiles, w, p..p + 1, dst.at(0), n, epilogue) };
+            unsafe { gemm_block(a, tiles, w, p..p + 1, dst.at(0), n, epilogue) };
         }
     });
     // SAFETY: the tiles stored every element of every row < m and column < n.
     unsafe { out.set_len(len) };
     out
+}
+
+/// The output buffer, written by the workers in disjoint tiles.
+struct StorePtr<O>(*mut O);
+impl<O> Clone for StorePtr<O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<O> Copy for StorePtr<O> {}
+// SAFETY: each worker writes its own (row chunk, panel) blocks.
+unsafe impl<O> Send for StorePtr<O> {}
+unsafe impl<O> Sync for StorePtr<O> {}
+impl<O> StorePtr<O> {
+    // A method (not `.0`) so closures capture the whole Sync wrapper, not the raw field.
+    fn at(&self, i: usize) -> *mut O {
+        self.0.wrapping_add(i)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -428,12 +539,12 @@ impl SlotPtr {
 /// since the zero partner of an odd k multiplies one); the ranges lie inside A's tiles and
 /// B's panels; every C element of those rows (< m) and columns (< n) is valid for writes,
 /// and no other thread touches them during the call.
-pub(crate) unsafe fn gemm_block(
+pub(crate) unsafe fn gemm_block<O: Store>(
     a: &PackedA,
     tiles: std::ops::Range<usize>,
     b: &PackedB,
     panels: std::ops::Range<usize>,
-    out: *mut f32,
+    out: *mut O,
     ldc: usize,
     epilogue: Epilogue,
 ) {
@@ -493,11 +604,11 @@ pub(crate) unsafe fn gemm(a: &PackedA, b: &PackedB, out: *mut f32, ldc: usize) {
 
 /// One register tile: `R` rows of A (`pairs` slots apart) against one B panel, and the
 /// epilogue for its `cols` columns.
-struct Tile<'a> {
+struct Tile<'a, O> {
     a: *const u32,
     b: *const u32,
     pairs: usize,
-    out: *mut f32,
+    out: *mut O,
     ldc: usize,
     cols: usize,
     bias: Option<&'a [f32]>,
@@ -507,10 +618,10 @@ struct Tile<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Tile<'_> {
+impl<O: Store> Tile<'_, O> {
     /// # Safety
     /// AVX-512 F, BW and BF16; the pointers as described on [`gemm_block`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn run<const R: usize>(&self) {
         // SAFETY: forwarded from the caller. Two functions: when the product and the
         // epilogue shared one body, `acc` lived on the stack (zeroed by a memset per tile)
@@ -525,7 +636,7 @@ impl Tile<'_> {
     ///
     /// # Safety
     /// As [`Tile::run`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     #[inline]
     unsafe fn products<const R: usize>(&self) -> [[std::arch::x86_64::__m512; 4]; R] {
         use std::arch::x86_64::*;
@@ -553,7 +664,7 @@ impl Tile<'_> {
     ///
     /// # Safety
     /// As [`Tile::run`]: the output rows < R and columns < cols are C's.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     #[inline(never)]
     unsafe fn store<const R: usize>(&self, acc: &[[std::arch::x86_64::__m512; 4]; R]) {
         use std::arch::x86_64::*;
@@ -578,7 +689,7 @@ impl Tile<'_> {
                         let res = res.add(r * self.ldc + c0);
                         sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, res), sum);
                     }
-                    _mm512_mask_storeu_ps(y, mask, sum);
+                    O::store16(y, mask, sum);
                 }
             }
         }

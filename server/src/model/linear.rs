@@ -10,7 +10,9 @@
 //!   reused scratch and multiplied with `gemm`.
 //!
 //! In the BF16 mode ([`CpuMatmul::Bf16`]) on a CPU with AVX-512 BF16, the weight is instead
-//! packed once for [`bf16_gemm`] and the activations are rounded to BF16 at every size.
+//! packed once for [`bf16_gemm`] and the activations are rounded to BF16 at every size; a
+//! layer whose output only feeds another one can write it in BF16 directly
+//! ([`Linear::forward_act_bf16_out`]).
 //!
 //! The products are the same as with f32 weights; only the summation order differs. Bias,
 //! activation (ReLU², exact-erf GELU) or a residual add are applied in the same call instead
@@ -24,7 +26,7 @@ use candle_core::{CpuStorage, D, DType, Module, Result, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 
-use super::bf16_gemm::{self, PackedB};
+use super::bf16_gemm::{self, PackedA, PackedB};
 use super::bf16_tiles;
 pub use super::cpu_math::Activation;
 use super::cpu_math::{bf16_to_f32, bias_act_rows};
@@ -184,6 +186,17 @@ impl Linear {
         self.run(x, Epilogue::Act(act))
     }
 
+    /// [`Linear::forward_act`] for a layer whose output only feeds another linear layer:
+    /// with packed BF16 weights the output is BF16, rounded as the next layer would round
+    /// it (the same products, half the bytes written, no rounding pass there). Otherwise
+    /// the same f32 output as `forward_act`.
+    pub fn forward_act_bf16_out(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Packed(p) => self.forward_packed(p, x, Epilogue::Act(act), true),
+            Weight::Tensor(_) => self.forward_act(x, act),
+        }
+    }
+
     /// `residual + x Wᵀ + b` (the residual has the output's shape).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         self.run(x, Epilogue::Add(residual))
@@ -191,7 +204,7 @@ impl Linear {
 
     fn run(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         let weight = match &self.weight {
-            Weight::Packed(_) => return self.forward_cpu(&x.to_dtype(DType::F32)?, epilogue),
+            Weight::Packed(p) => return self.forward_packed(p, x, epilogue, false),
             Weight::Tensor(w) => w,
         };
         if self.cpu_path_applies(weight, x, epilogue) {
@@ -262,7 +275,8 @@ impl Linear {
             }
     }
 
-    fn forward_cpu(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+    /// The output dims `[..., n]` and the row count of an input `[..., k]`.
+    fn out_dims(&self, x: &Tensor) -> Result<(Vec<usize>, usize)> {
         let (n, k) = self.dims()?;
         let (&kx, lead) = x
             .dims()
@@ -271,9 +285,72 @@ impl Linear {
         if kx != k {
             candle_core::bail!("linear: input width {kx} does not match weight [{n}, {k}]");
         }
-        let m: usize = lead.iter().product();
         let mut out_dims = lead.to_vec();
         out_dims.push(n);
+        Ok((out_dims, lead.iter().product()))
+    }
+
+    /// The packed BF16 kernel: `x` f32 (rounded here) or BF16 on CPU; the output f32, or
+    /// BF16 with `bf16_out`.
+    fn forward_packed(
+        &self,
+        p: &PackedB,
+        x: &Tensor,
+        epilogue: Epilogue,
+        bf16_out: bool,
+    ) -> Result<Tensor> {
+        let (out_dims, m) = self.out_dims(x)?;
+        let (n, k) = (p.n(), p.k());
+        if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::BF16) {
+            return self.forward_packed(p, &x.to_dtype(DType::F32)?, epilogue, bf16_out);
+        }
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let (act, residual) = match epilogue {
+            Epilogue::Act(a) => (a, None),
+            Epilogue::Add(r) => {
+                if r.dims() != out_dims.as_slice() {
+                    candle_core::bail!("linear: residual {:?} is not {out_dims:?}", r.dims());
+                }
+                (Activation::Identity, Some(f32_of(r)?))
+            }
+        };
+        let bias = self.bias.as_ref().map(f32_of).transpose()?;
+        let x = x.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let a = match &*xs {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                PackedA::from_f32(&v[xl.start_offset()..][..m * k], k, m, k, true)
+            }
+            Storage::Cpu(CpuStorage::BF16(v)) => {
+                PackedA::from_bf16(&v[xl.start_offset()..][..m * k], m, k)
+            }
+            _ => candle_core::bail!("linear: expected CPU f32 or bf16 input"),
+        };
+        let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+        let res_guard = residual.as_ref().map(|r| r.storage_and_layout());
+        let epilogue = bf16_gemm::Epilogue {
+            bias: match &bias_guard {
+                Some((bs, bl)) => Some(&cpu_f32(bs)?[bl.start_offset()..][..n]),
+                None => None,
+            },
+            act,
+            residual: match &res_guard {
+                Some((rs, rl)) => Some(&cpu_f32(rs)?[rl.start_offset()..][..m * n]),
+                None => None,
+            },
+        };
+        if bf16_out {
+            let out: Vec<bf16> = bf16_gemm::matmul(&a, p, epilogue);
+            Tensor::from_vec(out, out_dims, x.device())
+        } else {
+            let out: Vec<f32> = bf16_gemm::matmul(&a, p, epilogue);
+            Tensor::from_vec(out, out_dims, x.device())
+        }
+    }
+
+    fn forward_cpu(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        let (n, k) = self.dims()?;
+        let (out_dims, m) = self.out_dims(x)?;
         // The residual, which the products are added to.
         let residual = match epilogue {
             Epilogue::Add(r) => {
@@ -299,18 +376,8 @@ impl Linear {
                 None => None,
             };
             match &self.weight {
-                Weight::Packed(p) => {
-                    let guard = residual.as_ref().map(|r| r.storage_and_layout());
-                    let residual = match &guard {
-                        Some((rs, rl)) => Some(&cpu_f32(rs)?[rl.start_offset()..][..m * n]),
-                        None => None,
-                    };
-                    let epilogue = bf16_gemm::Epilogue {
-                        bias: bv,
-                        act,
-                        residual,
-                    };
-                    bf16_gemm::matmul(xv, m, p, epilogue)
+                Weight::Packed(_) => {
+                    candle_core::bail!("linear: packed weights take forward_packed")
                 }
                 Weight::Tensor(weight) => {
                     if !weight.is_contiguous() {
@@ -803,6 +870,39 @@ mod tests {
                     "f32 weights stay f32"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// BF16 mode: a layer's BF16 output feeds the next layer with the same products as its
+    /// f32 output (which the next layer rounds the same way), bit for bit; odd widths take
+    /// the copying path of the BF16 input.
+    #[test]
+    fn bf16_output_feeds_the_next_layer_unchanged() -> Result<()> {
+        if !bf16_gemm::available() {
+            eprintln!("skipped: no AVX-512 BF16 on this CPU");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for (mid, k) in [(64usize, 40usize), (37, 77)] {
+            CpuMatmul::set_for_thread(CpuMatmul::Bf16);
+            let bf16_weight = |n, k| Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::BF16);
+            let up = Linear::from_weight(bf16_weight(mid, k)?, None)?;
+            let down = Linear::from_weight(bf16_weight(9, mid)?, None)?;
+            CpuMatmul::set_for_thread(CpuMatmul::F32);
+            let x = Tensor::randn(0f32, 1.0, (13, k), &dev)?;
+            let h = up.forward_act_bf16_out(&x, Activation::GeluErf)?;
+            assert_eq!(h.dtype(), DType::BF16);
+            let hf = up.forward_act(&x, Activation::GeluErf)?;
+            assert_eq!(
+                max_abs_diff(
+                    &h.to_dtype(DType::F32)?,
+                    &hf.to_dtype(DType::BF16)?.to_dtype(DType::F32)?
+                )?,
+                0.0
+            );
+            let (y, yf) = (down.forward(&h)?, down.forward(&hf)?);
+            assert_eq!(max_abs_diff(&y, &yf)?, 0.0, "mid={mid}");
         }
         Ok(())
     }

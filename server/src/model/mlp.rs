@@ -23,8 +23,9 @@ impl Mlp {
 
     /// `x`: [T, hidden] -> [T, hidden].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // ReLU² is applied as the up_proj output is written (one pass on CPU).
-        let h = self.up_proj.forward_act(x, Activation::Relu2)?;
+        // ReLU² is applied as the up_proj output is written (one pass on CPU), in BF16 when
+        // the CPU's BF16 kernel runs both layers.
+        let h = self.up_proj.forward_act_bf16_out(x, Activation::Relu2)?;
         self.down_proj.forward(&h)
     }
 }

@@ -69,7 +69,9 @@ impl Projector {
     /// `[n, tokens, in]` → `[n, tokens, llm_hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.device().with_context(|| {
-            let h = self.fc1.forward_act(&self.norm(x)?, Activation::Relu2)?;
+            let h = self
+                .fc1
+                .forward_act_bf16_out(&self.norm(x)?, Activation::Relu2)?;
             self.fc2.forward(&h)
         })
     }

@@ -255,7 +255,7 @@ impl Block {
         let x = self.attn.forward_add(&self.norm1.forward(x)?, x)?;
         let h = self
             .fc1
-            .forward_act(&self.norm2.forward(&x)?, Activation::GeluErf)?;
+            .forward_act_bf16_out(&self.norm2.forward(&x)?, Activation::GeluErf)?;
         self.fc2.forward_add(&h, &x)
     }
 }
