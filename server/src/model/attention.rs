@@ -4,10 +4,9 @@
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 
-use super::bf16_gemm::{self, Epilogue, NR, PackedA, PackedB};
 use super::config::NemotronHConfig;
 use super::cpu_math::{SCORES, dispatch, gemm_rows, softmax_in_place};
-use super::linear::{CpuMatmul, Linear, OutPtr, par_map, par_ranges};
+use super::linear::{Linear, OutPtr, par_ranges};
 use super::state::{KvCache, cat_rows};
 use crate::kernels;
 
@@ -23,9 +22,6 @@ pub struct Attention {
     scale: f64,
     /// Use [`Attention::attend_cpu`] on CPU (tests turn it off to compare).
     fused_cpu: bool,
-    /// BF16 products for the prompt rows in [`Attention::attend_cpu`]: the layers'
-    /// [`CpuMatmul`] mode, where the CPU has the BF16 dot products.
-    bf16: bool,
 }
 
 impl Attention {
@@ -47,7 +43,6 @@ impl Attention {
             head_dim: hd,
             scale: 1.0 / (hd as f64).sqrt(),
             fused_cpu: true,
-            bf16: CpuMatmul::current() == CpuMatmul::Bf16 && bf16_gemm::available(),
         })
     }
 
@@ -199,23 +194,6 @@ impl Attention {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        // BF16 mode: each prompt's keys and values (cached prefix included) packed once per
-        // KV head for the BF16 kernel. Single rows (decode) keep the f32 dot products.
-        let packed: Vec<Option<Vec<(PackedB, PackedB)>>> = views
-            .iter()
-            .zip(seq_lens.iter().zip(&kv_all))
-            .map(|(c, (&len, (k, _)))| {
-                let keys = k.dim(1)?;
-                Ok((self.bf16 && len > 1).then(|| {
-                    par_map(nkv, nkv * keys * hd, |g| {
-                        (
-                            PackedB::from_f32_rows(&c.k[g * c.k_head_stride..], hd, keys, hd),
-                            PackedB::from_f32_cols(&c.v[g * c.v_head_stride..], hd, keys, hd),
-                        )
-                    })
-                }))
-            })
-            .collect::<Result<_>>()?;
         let mut out = vec![0f32; tokens * nh * hd];
         let out_p = OutPtr(out.as_mut_ptr());
         let (scale, rep) = (self.scale as f32, nh / nkv);
@@ -233,22 +211,7 @@ impl Attention {
                         let kh = &c.k[g * c.k_head_stride..g * c.k_head_stride + keys * hd];
                         let vh = &c.v[g * c.v_head_stride..g * c.v_head_stride + keys * hd];
                         let q0 = b.row * nh * hd + h * hd;
-                        if let Some(kv) = &packed[b.seq] {
-                            let (k, v) = &kv[g];
-                            // SAFETY: the CPU has the BF16 dot products (`bf16`); this
-                            // block's output rows are written by this worker only.
-                            unsafe {
-                                attend_block_bf16(
-                                    &qv[q0..],
-                                    nh * hd,
-                                    (k, v),
-                                    *b,
-                                    scale,
-                                    scores,
-                                    out_p.at(q0),
-                                )
-                            };
-                        } else if b.rows == 1 {
+                        if b.rows == 1 {
                             // SAFETY: this block's output rows are written by this worker only.
                             let o = unsafe { std::slice::from_raw_parts_mut(out_p.at(q0), hd) };
                             attend_row(&qv[q0..q0 + hd], kh, vh, scale, scores, o);
@@ -348,60 +311,6 @@ unsafe fn attend_block(
             (hd, 1),
             1.0,
         );
-    }
-}
-
-/// [`attend_block`] with BF16 products ([`bf16_gemm`]), as a BF16 GPU attention rounds
-/// them: q rounded to BF16 here, k and v packed (rounded) by the caller, for all the keys
-/// of the sequence; f32 scores; the softmax numerators rounded to BF16 for PV and the f32
-/// row sums applied after. Only the key panels the block's last row sees are computed.
-///
-/// # Safety
-/// [`bf16_gemm::available`]; `q` holds `(b.rows − 1)·q_stride + hd` values; `out` is
-/// valid for the same extent and written by this caller only.
-unsafe fn attend_block_bf16(
-    q: &[f32],
-    q_stride: usize,
-    (k, v): (&PackedB, &PackedB),
-    b: QueryBlock,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: *mut f32,
-) {
-    let (keys, hd, ldc) = (b.seen + b.rows - 1, k.k(), k.n());
-    assert!(keys <= ldc && b.rows <= QUERY_BLOCK);
-    let q = PackedA::from_f32(q, q_stride, b.rows, hd, false);
-    scores.resize(b.rows * ldc, 0.0);
-    let mut sums = [0f32; QUERY_BLOCK];
-    // SAFETY (both products): as documented; `scores` holds rows·ldc values and the panels
-    // up to `keys` lie inside ldc.
-    unsafe {
-        let panels = 0..keys.div_ceil(NR);
-        bf16_gemm::gemm_block(
-            &q,
-            0..q.tiles(),
-            k,
-            panels,
-            scores.as_mut_ptr(),
-            ldc,
-            Epilogue::NONE,
-        );
-        let live = |r: usize| b.seen + r;
-        let p = PackedA::softmax_numerators(scores, (b.rows, keys, ldc), live, scale, &mut sums);
-        bf16_gemm::gemm_block(
-            &p,
-            0..p.tiles(),
-            v,
-            0..v.panels(),
-            out,
-            q_stride,
-            Epilogue::NONE,
-        );
-        for (r, sum) in sums[..b.rows].iter().enumerate() {
-            let inv = 1.0 / sum;
-            let row = std::slice::from_raw_parts_mut(out.add(r * q_stride), hd);
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
     }
 }
 
@@ -622,71 +531,5 @@ mod tests {
     fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
         let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
         Ok(max_abs(a, b)? / scale)
-    }
-
-    /// The BF16 prompt block against an f64 formula on BF16-rounded q, k, v and softmax
-    /// numerators: a block of rows after a cached prefix (each row sees the prefix and the
-    /// rows up to itself), over a key panel and a partial one, with GQA's head strides.
-    #[test]
-    fn bf16_block_matches_rounded_formula() {
-        if !bf16_gemm::available() {
-            eprintln!("skipped: no AVX-512 BF16 on this CPU");
-            return;
-        }
-        let (hd, q_stride, keys_total, prefix) = (20usize, 50usize, 100usize, 60usize);
-        let block = QueryBlock {
-            seq: 0,
-            row: 0,
-            rows: 13,
-            seen: prefix + 1,
-        };
-        let mut rnd = super::super::cpu_math::uniform_rng(5);
-        let q: Vec<f32> = (0..block.rows * q_stride).map(|_| 2.0 * rnd()).collect();
-        let k: Vec<f32> = (0..keys_total * hd).map(|_| 2.0 * rnd()).collect();
-        let v: Vec<f32> = (0..keys_total * hd).map(|_| rnd()).collect();
-        let scale = (hd as f32).powf(-0.5);
-        let (kp, vp) = (
-            PackedB::from_f32_rows(&k, hd, keys_total, hd),
-            PackedB::from_f32_cols(&v, hd, keys_total, hd),
-        );
-        let mut out = vec![f32::NAN; block.rows * q_stride];
-        let mut scores = Vec::new();
-        // SAFETY: available; q and out hold (rows − 1)·q_stride + hd values.
-        unsafe {
-            attend_block_bf16(
-                &q,
-                q_stride,
-                (&kp, &vp),
-                block,
-                scale,
-                &mut scores,
-                out.as_mut_ptr(),
-            )
-        };
-        let r16 = |x: f32| half::bf16::from_f32(x).to_f32() as f64;
-        let mut worst = 0f64;
-        for r in 0..block.rows {
-            let live = block.seen + r;
-            let s: Vec<f64> = (0..live)
-                .map(|j| {
-                    (0..hd)
-                        .map(|e| r16(q[r * q_stride + e]) * r16(k[j * hd + e]))
-                        .sum()
-                })
-                .collect();
-            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| ((x - max) * scale as f64).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            for c in 0..hd {
-                let want = (0..live)
-                    .map(|j| r16(e[j] as f32) * r16(v[j * hd + c]))
-                    .sum::<f64>()
-                    / sum;
-                worst = worst.max((out[r * q_stride + c] as f64 - want).abs());
-            }
-        }
-        // One numerator whose f32 value straddles a BF16 rounding boundary moves by a step
-        // (2⁻⁹ of it); anything else would be far larger.
-        assert!(worst < 2e-3, "max abs error {worst}");
     }
 }

@@ -11,8 +11,8 @@
 //!
 //! Every product of two BF16 values is exact in f32; only the order of the f32 additions
 //! differs from a scalar loop. Used for the linear layers' weights in the BF16 CPU matmul
-//! mode ([`super::linear::CpuMatmul`]), packed once at load time, and for the attention of
-//! the vision encoder and of the LLM's prompt, whose keys and values are packed per call.
+//! mode ([`super::linear::CpuMatmul`]), packed once at load time, and for the vision
+//! encoder's attention, whose keys and values are packed per call.
 //! The output is f32, or BF16 for a layer that only feeds another one ([`Store`]); A is
 //! rounded from f32 or taken as it is from BF16 ([`PackedA::from_bf16`]).
 
@@ -104,7 +104,7 @@ impl PackedB {
         self.k.div_ceil(2)
     }
 
-    pub(crate) fn panels(&self) -> usize {
+    fn panels(&self) -> usize {
         self.n.div_ceil(NR)
     }
 
@@ -258,34 +258,25 @@ impl<'a> PackedA<'a> {
         self.m.div_ceil(MR)
     }
 
-    /// The softmax numerators of score rows, as the A operand [m, k] of `P · V`: row r
-    /// (`s[r·lds..]`) becomes `exp(scale · (s − max_r))` over its first `live(r)` <= k
-    /// scores, rounded to BF16, and zero past them (causal masking); `sums[r]` is the f32
-    /// sum of the unrounded numerators. Dividing the product's rows by `sums` afterwards
-    /// (as flash attention does) saves a pass over the probabilities. One pass for the
-    /// max, one for exp, sum and rounding. Panics unless [`available`].
+    /// The softmax numerators of score rows, as the A operand of `P · V`: row r of `s`
+    /// (`k` floats, rows `k` apart) becomes `exp(scale · (s − max_r))` rounded to BF16, and
+    /// `sums[r]` the f32 sum of the unrounded numerators. Dividing the product's rows by
+    /// `sums` afterwards (as flash attention does) saves a pass over the probabilities.
+    /// One pass for the max, one for exp, sum and rounding. Panics unless [`available`].
     pub(crate) fn softmax_numerators(
         s: &[f32],
-        (m, k, lds): (usize, usize, usize),
-        live: impl Fn(usize) -> usize,
+        m: usize,
+        k: usize,
         scale: f32,
         sums: &mut [f32],
     ) -> Self {
         assert!(available(), "bf16 dot products need AVX-512 BF16");
-        assert!(sums.len() >= m && k <= lds);
+        assert!(s.len() >= m * k && sums.len() >= m);
         let pairs = k.div_ceil(2);
         let mut data: Vec<u32> = Vec::with_capacity(m * pairs);
         for (r, sum) in sums[..m].iter_mut().enumerate() {
-            let n = live(r);
-            assert!(n <= k);
-            let out =
-                data.spare_capacity_mut()[r * pairs..(r + 1) * pairs].as_mut_ptr() as *mut u32;
-            // SAFETY: available; the row's `pairs` slots lie inside the capacity: its live
-            // pairs are written by `exp_row`, the rest zeroed here.
-            unsafe {
-                *sum = exp_row(&s[r * lds..][..n], scale, out);
-                std::ptr::write_bytes(out.add(n.div_ceil(2)), 0, pairs - n.div_ceil(2));
-            }
+            // SAFETY: available; row r's `pairs` slots lie inside the capacity.
+            *sum = unsafe { exp_row(&s[r * k..][..k], scale, data.as_mut_ptr().add(r * pairs)) };
         }
         // SAFETY: every row wrote all of its slots.
         unsafe { data.set_len(m * pairs) };
@@ -535,10 +526,9 @@ impl SlotPtr {
 /// `epilogue` applied as each register tile is stored.
 ///
 /// # Safety
-/// [`available`]; `a.k <= b.k` (B's rows past A's k do not count; B's values are finite,
-/// since the zero partner of an odd k multiplies one); the ranges lie inside A's tiles and
-/// B's panels; every C element of those rows (< m) and columns (< n) is valid for writes,
-/// and no other thread touches them during the call.
+/// [`available`]; `a.k == b.k`; the ranges lie inside A's tiles and B's panels; every C
+/// element of those rows (< m) and columns (< n) is valid for writes, and no other thread
+/// touches them during the call.
 pub(crate) unsafe fn gemm_block<O: Store>(
     a: &PackedA,
     tiles: std::ops::Range<usize>,
@@ -548,17 +538,17 @@ pub(crate) unsafe fn gemm_block<O: Store>(
     ldc: usize,
     epilogue: Epilogue,
 ) {
-    assert!(a.k <= b.k);
+    debug_assert_eq!(a.k, b.k);
     assert!(epilogue.bias.is_none_or(|v| v.len() == b.n));
     assert!(
         epilogue
             .residual
             .is_none_or(|v| a.m == 0 || v.len() >= (a.m - 1) * ldc + b.n)
     );
-    let pairs = a.k.div_ceil(2);
+    let pairs = b.pairs();
     for p in panels {
         let cols = NR.min(b.n - p * NR);
-        let bp = b.data.as_ptr().wrapping_add(p * b.pairs() * NR);
+        let bp = b.data.as_ptr().wrapping_add(p * pairs * NR);
         for t in tiles.clone() {
             let rows = MR.min(a.m - t * MR);
             let tile = Tile {

@@ -603,24 +603,6 @@ pub(crate) fn par_ranges(n: usize, work: usize, f: impl Fn(std::ops::Range<usize
     }
 }
 
-/// `f(0..n)` in parallel on candle's CPU pool (inline when `work` is small), in order.
-pub(crate) fn par_map<T: Send>(n: usize, work: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let slots: Vec<std::sync::Mutex<Option<T>>> = (0..n).map(|_| Default::default()).collect();
-    par_ranges(n, work, |items| {
-        for i in items {
-            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(f(i));
-        }
-    });
-    slots
-        .into_iter()
-        .map(|s| {
-            s.into_inner()
-                .unwrap_or_else(|e| e.into_inner())
-                .expect("every item ran")
-        })
-        .collect()
-}
-
 /// Raw pointer the worker threads write disjoint output elements through.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub(crate) *mut f32);

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::bf16_gemm::{self, PackedA, PackedB};
 use super::cpu_math::{SCORES, gemm_rows, softmax_in_place};
-use super::linear::{Activation, CpuMatmul, Linear, OutPtr, load_compact, par_map, par_ranges};
+use super::linear::{Activation, CpuMatmul, Linear, OutPtr, load_compact, par_ranges};
 use super::norm::LayerNorm;
 use crate::kernels;
 
@@ -553,7 +553,7 @@ fn attention_cpu_bf16(
         let q = PackedA::from_f32(q_rows, row, b.rows, hd, false);
         unsafe { bf16_gemm::gemm(&q, k, s.as_mut_ptr(), l) };
         let mut sums = [0f32; QUERY_BLOCK];
-        let p = PackedA::softmax_numerators(s, (b.rows, l, l), |_| l, scale, &mut sums);
+        let p = PackedA::softmax_numerators(s, b.rows, l, scale, &mut sums);
         unsafe { bf16_gemm::gemm(&p, v, o, hidden) };
         for (r, sum) in sums[..b.rows].iter().enumerate() {
             let inv = 1.0 / sum;
@@ -562,6 +562,24 @@ fn attention_cpu_bf16(
             row.iter_mut().for_each(|x| *x *= inv);
         }
     })
+}
+
+/// `f(0..n)` in parallel on candle's CPU pool (inline when `work` is small), in order.
+fn par_map<T: Send>(n: usize, work: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<std::sync::Mutex<Option<T>>> = (0..n).map(|_| Default::default()).collect();
+    par_ranges(n, work, |items| {
+        for i in items {
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(f(i));
+        }
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every item ran")
+        })
+        .collect()
 }
 
 #[cfg(test)]
