@@ -156,7 +156,8 @@ impl Attention {
     }
 }
 
-/// Query rows per attention work item: bounds the per-thread score scratch (~1 MiB).
+/// Query rows per attention work item: bounds the per-thread score scratch (~400 KB for a
+/// 1032-token tile, within L2).
 const QUERY_BLOCK: usize = 96;
 
 /// Softmax attention straight from the fused qkv rows `[n, L, 3·heads·hd]` (no q/k/v
@@ -528,9 +529,9 @@ fn bilinear_taps(in_size: usize, out_size: usize) -> Vec<(usize, usize, f32, f32
 }
 
 /// [`attention_cpu`] with BF16 operands ([`bf16_gemm`]), as a BF16 GPU attention rounds
-/// them: q, k and v rounded to BF16, f32 scores and softmax, the probabilities rounded to
-/// BF16 for PV. Each (tile, head)'s keys and values are packed once, then work items are
-/// (tile, head, query block). `dims` = (tiles, L, heads, head dim).
+/// them: q, k and v rounded to BF16, f32 scores, the softmax numerators rounded to BF16 for
+/// PV and the f32 row sums applied after it. Each (tile, head)'s keys and values are packed
+/// once, then work items are (tile, head, query block). `dims` = (tiles, L, heads, head dim).
 fn attention_cpu_bf16(
     qkv: &[f32],
     (n, l, heads, hd): (usize, usize, usize, usize),
@@ -551,6 +552,8 @@ fn attention_cpu_bf16(
         let (k, v) = &packed[b.tile * heads + b.head];
         let q_rows = &qkv[base(b.tile, b.head) + b.r0 * row..];
         let q = PackedA::from_f32(q_rows, row, b.rows, hd, false);
+        // SAFETY (both products): the CPU has the BF16 dot products (`bf16` is only set
+        // then); `s` holds rows·l floats; `o` is this item's own output block.
         unsafe { bf16_gemm::gemm(&q, k, s.as_mut_ptr(), l) };
         let mut sums = [0f32; QUERY_BLOCK];
         let p = PackedA::softmax_numerators(s, b.rows, l, scale, &mut sums);
