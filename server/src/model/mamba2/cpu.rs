@@ -35,32 +35,16 @@ pub(super) fn decode(
             proj.dims()
         );
     }
-    let conv_w = CpuF32::new(&m.conv_w)?;
-    let conv_b = m.conv_b.as_ref().map(CpuF32::new).transpose()?;
+    let weights = MixerWeights::new(m)?;
     let conv = ConvStep {
-        w: conv_w.slice()?,
-        b: conv_b.as_ref().map(|b| b.slice()).transpose()?,
-        dims: d,
+        p: weights.conv()?,
         out: Mutex::new(Vec::new()),
     };
     pool.conv.inplace_op3(&proj, slots, &conv)?;
     let xc = take(&conv.out);
-    let (dt_bias, a, skip) = (
-        CpuF32::new(&m.dt_bias)?,
-        CpuF32::new(&m.a)?,
-        CpuF32::new(&m.d)?,
-    );
-    let norm_w = CpuF32::new(m.norm.weight())?;
     let ssm = SsmStep {
+        p: weights.ssm()?,
         xc: &xc,
-        dt_bias: dt_bias.slice()?,
-        a: a.slice()?,
-        d: skip.slice()?,
-        dt_limit: (m.dt_limit.0 as f32, m.dt_limit.1 as f32),
-        norm_w: norm_w.slice()?,
-        group: m.norm.group_size(),
-        eps: m.norm.eps(),
-        dims: d,
         out: Mutex::new(Vec::new()),
     };
     pool.ssm.inplace_op3(&proj, slots, &ssm)?;
@@ -87,14 +71,7 @@ pub(super) fn prefill(
         candle_core::bail!("mamba prefill: in_proj output {:?}", proj.dims());
     }
     let slots = Tensor::new(&[slot], proj.device())?;
-    let conv_w = CpuF32::new(&m.conv_w)?;
-    let conv_b = m.conv_b.as_ref().map(CpuF32::new).transpose()?;
-    let (dt_bias, a, skip) = (
-        CpuF32::new(&m.dt_bias)?,
-        CpuF32::new(&m.a)?,
-        CpuF32::new(&m.d)?,
-    );
-    let norm_w = CpuF32::new(m.norm.weight())?;
+    let weights = MixerWeights::new(m)?;
     let mut y = vec![0f32; l * di];
     for (s, y_piece) in (0..l)
         .step_by(piece.max(1))
@@ -102,23 +79,14 @@ pub(super) fn prefill(
     {
         let rows = proj.narrow(0, s, y_piece.len() / di)?;
         let conv = ConvPrefill {
-            w: conv_w.slice()?,
-            b: conv_b.as_ref().map(|b| b.slice()).transpose()?,
-            dims: d,
+            p: weights.conv()?,
             out: Mutex::new(Vec::new()),
         };
         pool.conv.inplace_op3(&rows, &slots, &conv)?;
         let xc = take(&conv.out);
         let scan = ScanPrefill {
+            p: weights.ssm()?,
             xc: &xc,
-            dt_bias: dt_bias.slice()?,
-            a: a.slice()?,
-            d: skip.slice()?,
-            dt_limit: (m.dt_limit.0 as f32, m.dt_limit.1 as f32),
-            norm_w: norm_w.slice()?,
-            group: m.norm.group_size(),
-            eps: m.norm.eps(),
-            dims: d,
             out: Mutex::new(y_piece),
         };
         pool.ssm.inplace_op3(&rows, &slots, &scan)?;
@@ -129,9 +97,7 @@ pub(super) fn prefill(
 /// In place on the conv pool: the prefill conv of one sequence's tokens
 /// ([`conv1d_prefill`]), its window moved to their last K−1; keeps SiLU(conv) [T, cd].
 struct ConvPrefill<'a> {
-    w: &'a [f32],
-    b: Option<&'a [f32]>,
-    dims: MambaDims,
+    p: ConvParams<'a>,
     out: Mutex<Vec<f32>>,
 }
 
@@ -149,7 +115,7 @@ impl InplaceOp3 for ConvPrefill<'_> {
         slots: &CpuStorage,
         slots_l: &Layout,
     ) -> Result<()> {
-        let d = self.dims;
+        let d = self.p.dims;
         let (di, cd) = (d.d_inner(), d.conv_dim());
         let (dp, win) = (di + cd + d.heads, (d.conv_kernel - 1) * cd);
         let (pool, pool_slots) = pool_data(pool, pool_l, win)?;
@@ -160,7 +126,7 @@ impl InplaceOp3 for ConvPrefill<'_> {
         let proj = proj_data(proj, proj_l, t * dp)?;
         let window = &mut pool[slot * win..(slot + 1) * win];
         let xbc = AnyRows::F32(Rows::new(proj, di, dp, t, cd));
-        let (out, new_window) = conv1d_prefill(xbc, window, self.w, self.b);
+        let (out, new_window) = conv1d_prefill(xbc, window, self.p.w, self.p.b);
         window.copy_from_slice(&new_window);
         *self.out.lock().unwrap_or_else(|e| e.into_inner()) = out;
         Ok(())
@@ -170,16 +136,9 @@ impl InplaceOp3 for ConvPrefill<'_> {
 /// In place on the SSM pool: dt, the scan with the D skip ([`ssd_scan_in_place`]) and the
 /// gated norm of one sequence's tokens, into `out` [T, di].
 struct ScanPrefill<'a> {
+    p: SsmParams<'a>,
     /// SiLU(conv) [T, cd] from [`ConvPrefill`].
     xc: &'a [f32],
-    dt_bias: &'a [f32],
-    a: &'a [f32],
-    d: &'a [f32],
-    dt_limit: (f32, f32),
-    norm_w: &'a [f32],
-    group: usize,
-    eps: f32,
-    dims: MambaDims,
     out: Mutex<&'a mut [f32]>,
 }
 
@@ -197,7 +156,7 @@ impl InplaceOp3 for ScanPrefill<'_> {
         slots: &CpuStorage,
         slots_l: &Layout,
     ) -> Result<()> {
-        let d = self.dims;
+        let d = self.p.dims;
         let (di, cd, nh) = (d.d_inner(), d.conv_dim(), d.heads);
         let (dp, gn, row) = (di + cd + nh, d.groups * d.state, nh * d.head_dim * d.state);
         let (pool, pool_slots) = pool_data(pool, pool_l, row)?;
@@ -212,7 +171,7 @@ impl InplaceOp3 for ScanPrefill<'_> {
         }
         let mut dt = vec![0f32; t * nh];
         for (dt, p) in dt.chunks_exact_mut(nh).zip(proj.chunks_exact(dp)) {
-            dt_row(&p[di + cd..], self.dt_bias, self.dt_limit, dt);
+            dt_row(&p[di + cd..], self.p.dt_bias, self.p.dt_limit, dt);
         }
         let inputs = ScanInputs {
             x: self.xc,
@@ -221,8 +180,8 @@ impl InplaceOp3 for ScanPrefill<'_> {
             c: &self.xc[di + gn..],
             bc_stride: cd,
             dt: &dt,
-            a: self.a,
-            d: Some(self.d),
+            a: self.p.a,
+            d: Some(self.p.d),
         };
         let mut ys = vec![0f32; t * di];
         let state = &mut pool[slot * row..(slot + 1) * row];
@@ -241,15 +200,82 @@ impl InplaceOp3 for ScanPrefill<'_> {
                 gated_norm_row(
                     &ys[r * di..(r + 1) * di],
                     z,
-                    self.norm_w,
-                    self.group,
-                    self.eps,
+                    self.p.norm_w,
+                    self.p.group,
+                    self.p.eps,
                     o,
                 );
             }
         });
         Ok(())
     }
+}
+
+/// The mixer's small f32 tensors, borrowed for one call of [`decode`] or [`prefill`].
+struct MixerWeights<'a> {
+    m: &'a Mamba2,
+    conv_w: CpuF32<'a>,
+    conv_b: Option<CpuF32<'a>>,
+    dt_bias: CpuF32<'a>,
+    a: CpuF32<'a>,
+    skip: CpuF32<'a>,
+    norm_w: CpuF32<'a>,
+}
+
+impl<'a> MixerWeights<'a> {
+    fn new(m: &'a Mamba2) -> Result<Self> {
+        Ok(MixerWeights {
+            m,
+            conv_w: CpuF32::new(&m.conv_w)?,
+            conv_b: m.conv_b.as_ref().map(CpuF32::new).transpose()?,
+            dt_bias: CpuF32::new(&m.dt_bias)?,
+            a: CpuF32::new(&m.a)?,
+            skip: CpuF32::new(&m.d)?,
+            norm_w: CpuF32::new(m.norm.weight())?,
+        })
+    }
+
+    fn conv(&self) -> Result<ConvParams<'_>> {
+        Ok(ConvParams {
+            w: self.conv_w.slice()?,
+            b: self.conv_b.as_ref().map(|b| b.slice()).transpose()?,
+            dims: self.m.dims,
+        })
+    }
+
+    fn ssm(&self) -> Result<SsmParams<'_>> {
+        let (m, (lo, hi)) = (self.m, self.m.dt_limit);
+        Ok(SsmParams {
+            dt_bias: self.dt_bias.slice()?,
+            a: self.a.slice()?,
+            d: self.skip.slice()?,
+            dt_limit: (lo as f32, hi as f32),
+            norm_w: self.norm_w.slice()?,
+            group: m.norm.group_size(),
+            eps: m.norm.eps(),
+            dims: m.dims,
+        })
+    }
+}
+
+/// What the conv ops read: the depthwise weights [K·cd] and bias.
+struct ConvParams<'a> {
+    w: &'a [f32],
+    b: Option<&'a [f32]>,
+    dims: MambaDims,
+}
+
+/// What the SSM ops read besides the conv output: dt's bias and limits, A, the D skip and
+/// the gated norm.
+struct SsmParams<'a> {
+    dt_bias: &'a [f32],
+    a: &'a [f32],
+    d: &'a [f32],
+    dt_limit: (f32, f32),
+    norm_w: &'a [f32],
+    group: usize,
+    eps: f32,
+    dims: MambaDims,
 }
 
 fn take(out: &Mutex<Vec<f32>>) -> Vec<f32> {
@@ -291,9 +317,7 @@ fn proj_data<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> Result<&'a [f32]>
 
 /// In place on the conv pool: [`conv_update_row`] for each sequence; keeps SiLU(conv) [B, cd].
 struct ConvStep<'a> {
-    w: &'a [f32],
-    b: Option<&'a [f32]>,
-    dims: MambaDims,
+    p: ConvParams<'a>,
     out: Mutex<Vec<f32>>,
 }
 
@@ -311,7 +335,7 @@ impl InplaceOp3 for ConvStep<'_> {
         slots: &CpuStorage,
         slots_l: &Layout,
     ) -> Result<()> {
-        let d = self.dims;
+        let d = self.p.dims;
         let (di, cd) = (d.d_inner(), d.conv_dim());
         let (dp, win) = (di + cd + d.heads, (d.conv_kernel - 1) * cd);
         let (pool, pool_slots) = pool_data(pool, pool_l, win)?;
@@ -330,7 +354,7 @@ impl InplaceOp3 for ConvStep<'_> {
                     )
                 };
                 let xbc = &proj[bi * dp + di..bi * dp + di + cd];
-                conv_update_row(window, xbc, self.w, self.b, o);
+                conv_update_row(window, xbc, self.p.w, self.p.b, o);
             }
         });
         *self.out.lock().unwrap_or_else(|e| e.into_inner()) = out;
@@ -341,16 +365,9 @@ impl InplaceOp3 for ConvStep<'_> {
 /// In place on the SSM pool: dt, [`ssm_update_row`] and [`gated_norm_row`] for each sequence;
 /// keeps y [B, di].
 struct SsmStep<'a> {
+    p: SsmParams<'a>,
     /// SiLU(conv) [B, cd] from [`ConvStep`].
     xc: &'a [f32],
-    dt_bias: &'a [f32],
-    a: &'a [f32],
-    d: &'a [f32],
-    dt_limit: (f32, f32),
-    norm_w: &'a [f32],
-    group: usize,
-    eps: f32,
-    dims: MambaDims,
     out: Mutex<Vec<f32>>,
 }
 
@@ -368,7 +385,7 @@ impl InplaceOp3 for SsmStep<'_> {
         slots: &CpuStorage,
         slots_l: &Layout,
     ) -> Result<()> {
-        let d = self.dims;
+        let d = self.p.dims;
         let (di, cd, nh) = (d.d_inner(), d.conv_dim(), d.heads);
         let (dp, gn, row) = (di + cd + nh, d.groups * d.state, nh * d.head_dim * d.state);
         let (pool, pool_slots) = pool_data(pool, pool_l, row)?;
@@ -377,7 +394,7 @@ impl InplaceOp3 for SsmStep<'_> {
         if self.xc.len() != rows.len() * cd {
             candle_core::bail!("mamba decode: conv output does not match the batch");
         }
-        let (lo, hi) = self.dt_limit;
+        let (lo, hi) = self.p.dt_limit;
         let mut out = vec![0f32; rows.len() * di];
         let (out_p, pool_p) = (OutPtr(out.as_mut_ptr()), OutPtr(pool.as_mut_ptr()));
         par_ranges(rows.len(), rows.len() * row * 3, |seqs| {
@@ -392,11 +409,11 @@ impl InplaceOp3 for SsmStep<'_> {
                 };
                 let p = &proj[bi * dp..(bi + 1) * dp];
                 let (z, dt_raw) = (&p[..di], &p[di + cd..]);
-                dt_row(dt_raw, self.dt_bias, (lo, hi), &mut dt);
+                dt_row(dt_raw, self.p.dt_bias, (lo, hi), &mut dt);
                 let xc = &self.xc[bi * cd..(bi + 1) * cd];
                 let (x, b, c) = (&xc[..di], &xc[di..di + gn], &xc[di + gn..]);
-                ssm_update_row(state, x, b, c, &dt, self.a, self.d, d.groups, &mut ys);
-                gated_norm_row(&ys, z, self.norm_w, self.group, self.eps, y);
+                ssm_update_row(state, x, b, c, &dt, self.p.a, self.p.d, d.groups, &mut ys);
+                gated_norm_row(&ys, z, self.p.norm_w, self.p.group, self.p.eps, y);
             }
         });
         *self.out.lock().unwrap_or_else(|e| e.into_inner()) = out;
